@@ -1,0 +1,1 @@
+"""Parts the training stages share: devices and AMP, seeding, DDP, checkpoints, W&B."""
