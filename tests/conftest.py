@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded digits competition built once per session in a temp folder,
+and configs whose every output path points into the test's own temp folder."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The embedded default competition, built once (read-only for tests: copy before changing)."""
+    from pipeline.data.digits import build_digits
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    build_digits(root)
+    return root
+
+
+@pytest.fixture
+def digits_copy(digits_root, tmp_path) -> Path:
+    """A private, writable copy of the digits competition (with its private folder beside it)."""
+    dst = tmp_path / "data" / "digits"
+    shutil.copytree(digits_root, dst)
+    shutil.copytree(digits_root.parent / "digits_private", dst.parent / "digits_private")
+    return dst
+
+
+@pytest.fixture
+def make_cfg(tmp_path, digits_root):
+    """``make_cfg(*overrides, root=None)``: the default config, outputs under ``tmp_path``."""
+    from pipeline.config import load_config
+
+    def _make(*overrides: str, root: Path | None = None, config: str | Path | None = None):
+        root = Path(root or digits_root)
+        base = [
+            f"paths.work={tmp_path / 'work'}",
+            f"paths.runs={tmp_path / 'runs'}",
+            f"paths.submissions={tmp_path / 'submissions'}",
+            f"competition.root={root}",
+            f"competition.solution={root.parent / (root.name + '_private') / 'solution.csv'}",
+            "wandb.mode=disabled",
+            "train.num_workers=0",
+        ]
+        return load_config(config or REPO / "configs" / "default.yaml", base + list(overrides))
+
+    return _make
