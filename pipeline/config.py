@@ -130,6 +130,9 @@ TtaName = Literal[
 class PredictConfig(Section):
     batch_size: int = Field(256, ge=1)
     tta_merge: Literal["mean", "geometric"] = "mean"
+    # auto: keep mirrored/rotated TTA views only if training flipped images (digits, text: it did not).
+    tta_flips: bool | Literal["auto"] = "auto"
+    crop_scale: float = Field(1.125, ge=1.0, le=2.0)
     use_ema: bool = True
 
 

@@ -1,0 +1,420 @@
+"""Stage ``ensemble``: blend experiments with weights chosen on out-of-fold predictions.
+
+``python -m pipeline.ensemble`` takes every experiment of the configured competition whose folds
+all have OOF and test predictions (or ``--experiments A B ...``). Per experiment the fold test
+probabilities are averaged and the OOF predictions assembled over the folds; the weights across
+experiments are then chosen on the OOF log loss (``ensemble.method``):
+
+- ``optimize``: scipy SLSQP, weights in [0, 1] summing to 1 (the default);
+- ``caruana``: greedy forward selection with replacement (Caruana et al. 2004);
+- ``fixed``: ``ensemble.weights`` from the config; ``mean``: equal weights.
+
+It prints a table of CV scores and weights and writes the blended test probabilities as a
+submission (``submissions/<name>_<timestamp>.csv`` + ``.json``), scored against the hidden
+solution when the competition has one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy.optimize import minimize
+
+from pipeline import paths
+from pipeline.config import Config, add_config_args, config_from_args
+from pipeline.errors import PipelineError, cli_entry
+from pipeline.io import read_json
+from pipeline.tta import accuracy, log_loss
+
+ENSEMBLE_RUN_DIR = "_ensemble"  # W&B records of blends; not an experiment (it has no config.yaml)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _true_class_probs(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(M, N, C)`` model probabilities -> ``(N, M)`` probability each model gives the true class."""
+    return probs[:, np.arange(len(y)), y].T
+
+
+def blend(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted average of ``(M, N, C)`` probabilities."""
+    return np.tensordot(np.asarray(weights, dtype=np.float64), probs, axes=1)
+
+
+def optimize_weights(probs: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise the log loss of the blend (SLSQP).
+
+    The log loss of a blend depends only on each model's probability of the true class, so the
+    objective and its gradient are computed on an ``(N, M)`` matrix, not the full blend.
+    """
+    m = probs.shape[0]
+    if m == 1:
+        return np.ones(1)
+    q = _true_class_probs(probs, y)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        mix = np.clip(q @ w, eps, None)
+        return float(-np.log(mix).mean()), -(q / mix[:, None]).mean(0)
+
+    start = np.full(m, 1.0 / m)
+    res = minimize(loss, start, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(m)}],
+                   options={"maxiter": 500, "ftol": 1e-10})
+    w = np.clip(res.x, 0.0, None)
+    w = w / w.sum() if w.sum() > 0 else start
+    # SLSQP can stop early on flat objectives; never return worse than uniform or the best single model.
+    candidates = [w, start] + [np.eye(m)[i] for i in range(m)]
+    return min(candidates, key=lambda c: loss(c)[0])
+
+
+def caruana_weights(probs: np.ndarray, y: np.ndarray, iterations: int = 50, eps: float = 1e-15) -> np.ndarray:
+    """Greedy forward selection with replacement: repeatedly add the model that most lowers the
+    log loss of the running average, starting from the best single model; weights are the counts."""
+    m = probs.shape[0]
+    q = _true_class_probs(probs, y)
+    counts = np.zeros(m)
+    total = np.zeros(len(y))
+    for _ in range(max(1, iterations)):
+        n = counts.sum()
+        trial = (total[:, None] + q) / (n + 1)  # (N, M): the average if model j were added
+        losses = -np.log(np.clip(trial, eps, None)).mean(0)
+        j = int(np.argmin(losses))
+        counts[j] += 1
+        total += q[:, j]
+    return counts / counts.sum()
+
+
+def fixed_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
+    """``ensemble.weights`` for these experiments (missing ones get 0), normalised to sum 1."""
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise PipelineError(f"ensemble.weights names {unknown}, which are not among the blended experiments "
+                            f"{names}; fix the names or add them with --experiments")
+    w = np.array([float(weights.get(n, 0.0)) for n in names])
+    if (w < 0).any() or w.sum() <= 0:
+        raise PipelineError(f"ensemble.weights {weights} must be non-negative with a positive sum")
+    return w / w.sum()
+
+
+def choose_weights(method: str, probs: np.ndarray, y: np.ndarray, names: list[str],
+                   fixed: dict[str, float] | None = None, iterations: int = 50) -> np.ndarray:
+    """Weights by ``method`` (optimize | caruana | fixed | mean) on OOF probabilities ``(M, N, C)``."""
+    m = probs.shape[0]
+    if method == "optimize":
+        return optimize_weights(probs, y)
+    if method == "caruana":
+        return caruana_weights(probs, y, iterations)
+    if method == "fixed":
+        return fixed_weights(names, fixed or {})
+    if method == "mean":
+        return np.full(m, 1.0 / m)
+    raise PipelineError(f"ensemble.method {method!r} is not optimize, caruana, fixed or mean")
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+@dataclass
+class ExperimentPredictions:
+    """One experiment's predictions over all its folds."""
+
+    name: str
+    classes: list[str]
+    folds: list[int]
+    oof: pd.DataFrame                     # image, label, probability columns (sorted by image)
+    oof_tta: pd.DataFrame | None          # same rows after TTA, or None if predict did not run
+    test: pd.DataFrame                    # image, fold-averaged probability columns
+    tta: list[str] = field(default_factory=list)
+
+
+def _experiment_config(run: Path) -> dict[str, Any] | None:
+    try:
+        data = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _slug(data: dict[str, Any]) -> str:
+    comp = data.get("competition") or {}
+    return comp.get("name") or Path(str(comp.get("root", ""))).name
+
+
+def experiment_folds(cfg: Config, name: str) -> list[int]:
+    """The folds an experiment was trained with (``folds.k`` of its saved config)."""
+    data = _experiment_config(paths.run_dir(cfg, name))
+    if data is None:
+        raise PipelineError(f"{paths.run_dir(cfg, name)}/config.yaml is missing or unreadable; "
+                            f"train experiment {name!r} first (python -m pipeline.train)")
+    return list(range(int((data.get("folds") or {}).get("k", cfg.folds.k))))
+
+
+def missing_predictions(cfg: Config, name: str) -> list[str]:
+    """What experiment ``name`` lacks for blending (empty when every fold has OOF and test files)."""
+    missing = []
+    for k in experiment_folds(cfg, name):
+        d = paths.fold_dir(cfg, k, name)
+        missing += [f"fold{k}/{f}" for f in ("oof.csv", "test.csv") if not (d / f).is_file()]
+    return missing
+
+
+def discover_experiments(cfg: Config, verbose: bool = True) -> list[str]:
+    """Experiments under ``paths.runs`` of the configured competition with complete predictions."""
+    root = Path(cfg.paths.runs)
+    found = []
+    for run in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        data = _experiment_config(run)
+        if data is None or _slug(data) != cfg.competition.slug:
+            continue
+        missing = missing_predictions(cfg, run.name)
+        if missing:
+            if verbose:
+                print(f"ensemble: skipping {run.name}: no {', '.join(missing[:3])}"
+                      f"{' ...' if len(missing) > 3 else ''} (python -m pipeline.predict --all-folds "
+                      f"--set experiment={run.name})")
+            continue
+        found.append(run.name)
+    return found
+
+
+def _read_probs(path: Path, classes: list[str], with_label: bool) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist; run python -m pipeline.predict for that fold")
+    df = pd.read_csv(path, dtype={"image": str, "label": str}, keep_default_na=False)
+    expected = ["image"] + (["label"] if with_label else []) + classes
+    if list(df.columns) != expected:
+        raise PipelineError(f"{path} has columns {list(df.columns)[:6]}..., expected image"
+                            f"{', label' if with_label else ''} and one column per class of classes.json; "
+                            "predict that fold again")
+    return df
+
+
+def load_experiment(cfg: Config, name: str) -> ExperimentPredictions:
+    """Read all folds of one experiment: OOF (with and without TTA) and fold-averaged test probabilities."""
+    run = paths.run_dir(cfg, name)
+    if not (run / "classes.json").is_file():
+        raise PipelineError(f"{run}/classes.json is missing; train experiment {name!r} first")
+    classes = list(read_json(run / "classes.json")["classes"])
+    folds = experiment_folds(cfg, name)
+    oofs, oof_ttas, tests, tta = [], [], [], []
+    for k in folds:
+        d = paths.fold_dir(cfg, k, name)
+        oofs.append(_read_probs(d / "oof.csv", classes, True))
+        oof_ttas.append(_read_probs(d / "oof_tta.csv", classes, True) if (d / "oof_tta.csv").is_file() else None)
+        tests.append(_read_probs(d / "test.csv", classes, False).set_index("image"))
+        if (d / "predict.json").is_file():
+            tta = list(read_json(d / "predict.json").get("tta", []))
+    oof = pd.concat(oofs, ignore_index=True).sort_values("image", ignore_index=True)
+    if oof["image"].duplicated().any():
+        dup = oof.loc[oof["image"].duplicated(), "image"].iloc[0]
+        raise PipelineError(f"experiment {name!r}: image {dup!r} is in the OOF predictions of two folds; "
+                            "its folds were trained on different folds.csv files: retrain it")
+    oof_tta = None
+    if all(t is not None for t in oof_ttas):
+        oof_tta = pd.concat(oof_ttas, ignore_index=True).sort_values("image", ignore_index=True)
+    images = tests[0].index
+    for k, t in zip(folds, tests):
+        if not t.index.sort_values().equals(images.sort_values()):
+            raise PipelineError(f"experiment {name!r}: fold{k}/test.csv covers other images than fold{folds[0]}; "
+                                "predict every fold again")
+    test = sum(t.loc[images, classes].to_numpy(np.float64) for t in tests) / len(tests)
+    test_df = pd.DataFrame(test, columns=classes)
+    test_df.insert(0, "image", images.to_numpy())
+    return ExperimentPredictions(name, classes, folds, oof, oof_tta, test_df, tta)
+
+
+def inputs_fingerprint(cfg: Config, names: list[str]) -> str:
+    """A digest of the prediction files of ``names`` and the ensemble settings (run's skip check)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"ensemble": cfg.ensemble.model_dump(mode="json"), "experiments": sorted(names),
+                         "competition": cfg.competition.model_dump(mode="json")}, sort_keys=True).encode())
+    for name in sorted(names):
+        for k in experiment_folds(cfg, name):
+            for f in ("oof.csv", "oof_tta.csv", "test.csv"):
+                p = paths.fold_dir(cfg, k, name) / f
+                st = p.stat() if p.is_file() else None
+                h.update(f"{name}/{k}/{f}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+@dataclass
+class EnsembleResult:
+    experiments: list[str]
+    weights: dict[str, float]
+    method: str
+    table: pd.DataFrame
+    cv_acc: float
+    cv_logloss: float
+    submission: Path
+    solution_score: float | None
+    meta: dict[str, Any]
+
+
+def _scores(oof: pd.DataFrame | None, classes: list[str], y: np.ndarray) -> tuple[float, float]:
+    if oof is None:
+        return float("nan"), float("nan")
+    p = oof[classes].to_numpy(np.float64)
+    return accuracy(p, y), log_loss(p, y)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The CV table as aligned text (acc / log loss without and with TTA, weight)."""
+    def fmt(v: Any, digits: int) -> str:
+        return "-" if isinstance(v, float) and np.isnan(v) else f"{v:.{digits}f}"
+
+    header = f"{'experiment':<28} {'folds':>5} {'acc':>7} {'logloss':>8} {'acc_tta':>7} {'ll_tta':>8} {'weight':>7}"
+    lines = [header, "-" * len(header)]
+    for r in table.itertuples(index=False):
+        weight = "" if r.experiment == "blend" else fmt(r.weight, 3)
+        lines.append(f"{r.experiment:<28} {r.folds:>5} {fmt(r.acc, 4):>7} {fmt(r.logloss, 4):>8} "
+                     f"{fmt(r.acc_tta, 4):>7} {fmt(r.logloss_tta, 4):>8} {weight:>7}")
+    return "\n".join(lines)
+
+
+def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | None = None,
+                 quiet: bool = False) -> EnsembleResult:
+    """Blend ``experiments`` (default: ``ensemble.experiments`` or every complete one) and write a submission.
+
+    Returns:
+        The weights, CV table, submission path and (when the competition has a hidden solution) its score.
+    """
+    from pipeline.data import load_competition
+    from pipeline.engine.wandb_run import start_run
+    from pipeline.submission import build_submission, score_submission, validate_submission, write_submission
+
+    say = (lambda *a: None) if quiet else print
+    names = list(experiments or cfg.ensemble.experiments or discover_experiments(cfg, verbose=not quiet))
+    if not names:
+        raise PipelineError(f"no experiment of competition {cfg.competition.slug!r} under {cfg.paths.runs}/ has "
+                            "OOF and test predictions for every fold; run python -m pipeline.run "
+                            "(or pipeline.train and pipeline.predict --all-folds) first")
+    if len(set(names)) != len(names):
+        raise PipelineError(f"--experiments lists a name twice: {names}")
+    for n in names:
+        missing = missing_predictions(cfg, n)
+        if missing:
+            raise PipelineError(f"experiment {n!r} has no {', '.join(missing[:4])}; run python -m pipeline.predict "
+                                f"--all-folds --set experiment={n}")
+    fingerprint = inputs_fingerprint(cfg, names)
+    exps = [load_experiment(cfg, n) for n in names]
+    classes = exps[0].classes
+    for e in exps[1:]:
+        if e.classes != classes:
+            raise PipelineError(f"experiments {exps[0].name!r} and {e.name!r} have different classes.json; "
+                                "only runs of the same competition can be blended")
+    ref = exps[0].oof
+    for e in exps[1:]:
+        if not e.oof["image"].equals(ref["image"]):
+            only = sorted(set(e.oof["image"]) ^ set(ref["image"]))
+            raise PipelineError(f"experiments {exps[0].name!r} and {e.name!r} have OOF predictions for different "
+                                f"images (e.g. {only[:3]}); they were trained on different folds.csv "
+                                "(dedup policy?): retrain one with the other's settings")
+    index = {c: i for i, c in enumerate(classes)}
+    y = ref["label"].map(index).to_numpy()
+    use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
+    oof_for_weights = np.stack([(e.oof_tta if use_tta else e.oof)[classes].to_numpy(np.float64) for e in exps])
+    w = choose_weights(cfg.ensemble.method, oof_for_weights, y, names, cfg.ensemble.weights,
+                       cfg.ensemble.caruana_iterations)
+    weights = {n: float(v) for n, v in zip(names, w)}
+
+    rows = []
+    for e, wi in zip(exps, w):
+        acc, ll = _scores(e.oof, classes, y)
+        acc_t, ll_t = _scores(e.oof_tta, classes, y)
+        rows.append(dict(experiment=e.name, folds=len(e.folds), acc=acc, logloss=ll, acc_tta=acc_t,
+                         logloss_tta=ll_t, weight=float(wi)))
+    blended_oof = blend(oof_for_weights, w)
+    b_acc, b_ll = accuracy(blended_oof, y), log_loss(blended_oof, y)
+    plain = blend(np.stack([e.oof[classes].to_numpy(np.float64) for e in exps]), w)
+    rows.append(dict(experiment="blend", folds=len(exps[0].folds), acc=accuracy(plain, y), logloss=log_loss(plain, y),
+                     acc_tta=b_acc if use_tta else float("nan"), logloss_tta=b_ll if use_tta else float("nan"),
+                     weight=1.0))
+    table = pd.DataFrame(rows)
+
+    comp = load_competition(cfg.competition)
+    test_images = exps[0].test["image"]
+    for e in exps[1:]:
+        if set(e.test["image"]) != set(test_images):
+            raise PipelineError(f"experiments {exps[0].name!r} and {e.name!r} predicted different test images; "
+                                "predict both again on the current competition")
+    test_probs = blend(np.stack([e.test.set_index("image").loc[test_images, classes].to_numpy(np.float64)
+                                 for e in exps]), w)
+    id_of = dict(zip(comp.test["image"], comp.test["id"]))
+    unknown = [i for i in test_images if i not in id_of]
+    if unknown:
+        raise PipelineError(f"test predictions name images that are not in the competition's test table "
+                            f"(e.g. {unknown[:3]}); predict again on the current competition")
+    sub = build_submission(comp.sample_submission, cfg.competition, [id_of[i] for i in test_images],
+                           test_probs, classes)
+    validate_submission(sub, comp.sample_submission, cfg.competition, classes,
+                        source=str(comp.root / cfg.competition.sample_submission))
+
+    sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")
+    meta = {
+        "competition": cfg.competition.slug,
+        "experiments": names,
+        "folds": {e.name: e.folds for e in exps},
+        "method": cfg.ensemble.method,
+        "weights": weights,
+        "tta": {e.name: e.tta for e in exps},
+        "used_tta_oof": use_tta,
+        "cv": {r["experiment"]: {k: None if np.isnan(r[k]) else r[k] for k in ("acc", "logloss", "acc_tta",
+                                                                                 "logloss_tta")} for r in rows},
+        "cv_metric": "log_loss (weights), accuracy",
+        "n_test": int(len(sub)),
+        "fingerprint": fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    solution_score = None
+    if cfg.competition.solution and Path(cfg.competition.solution).is_file():
+        solution_score = score_submission(sub, cfg.competition.solution, cfg.competition)
+        meta["solution_score"] = {"metric": cfg.competition.metric if cfg.competition.submission_form == "label"
+                                  else "log_loss", "value": solution_score}
+    path = write_submission(sub, paths.submissions_dir(cfg), sub_name, meta)
+
+    wb = start_run(cfg.wandb, Path(cfg.paths.runs) / ENSEMBLE_RUN_DIR, name=path.stem, group="ensemble",
+                   job_type="ensemble", config={**cfg.to_dict(), "experiments": names, "weights": weights})
+    wb.log({"cv_acc": b_acc, "cv_logloss": b_ll, **{f"weight/{n}": v for n, v in weights.items()},
+            **({"solution_score": solution_score} if solution_score is not None else {})})
+    wb.finish()
+
+    say(format_table(table))
+    say(f"weights ({cfg.ensemble.method}, on {'TTA ' if use_tta else ''}OOF log loss): "
+        + ", ".join(f"{n}={v:.3f}" for n, v in weights.items()))
+    say(f"submission: {path}")
+    if solution_score is not None:
+        metric = meta["solution_score"]["metric"]
+        say(f"score against the hidden solution {cfg.competition.solution}: {metric} {solution_score:.4f}")
+    return EnsembleResult(names, weights, cfg.ensemble.method, table, b_acc, b_ll, path, solution_score, meta)
+
+
+def main(argv: list[str] | None = None) -> EnsembleResult:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--experiments", nargs="+", metavar="NAME",
+                        help="experiments to blend (default: ensemble.experiments, else every complete one)")
+    parser.add_argument("--method", choices=["optimize", "caruana", "fixed", "mean"],
+                        help="how to choose the weights (default: ensemble.method)")
+    parser.add_argument("--name", help="submission file name prefix (default: ensemble.name, the experiment or 'blend')")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if args.method:
+        cfg.ensemble.method = args.method
+    return run_ensemble(cfg, args.experiments, args.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_entry(main))

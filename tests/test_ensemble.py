@@ -1,0 +1,72 @@
+"""Ensemble weights on synthetic OOF probabilities with known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.ensemble import blend, caruana_weights, choose_weights, fixed_weights, optimize_weights
+from pipeline.errors import PipelineError
+from pipeline.tta import log_loss
+
+
+def _models(seed: int = 0, n: int = 600, c: int = 5):
+    """Two informative, differently-wrong models and one that is pure noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(c, size=n)
+
+    def informative(strength: float) -> np.ndarray:
+        logits = rng.normal(size=(n, c))
+        logits[np.arange(n), y] += strength
+        e = np.exp(logits)
+        return e / e.sum(1, keepdims=True)
+
+    noise = rng.dirichlet(np.full(c, 0.3), size=n)
+    return np.stack([informative(2.0), informative(1.5), noise]), y
+
+
+@pytest.mark.parametrize("method", ["optimize", "caruana", "mean"])
+def test_weights_are_non_negative_and_sum_to_one(method):
+    probs, y = _models()
+    w = choose_weights(method, probs, y, ["a", "b", "noise"])
+    assert w.shape == (3,) and (w >= 0).all()
+    assert w.sum() == pytest.approx(1.0)
+
+
+def test_optimised_weights_beat_uniform_when_one_model_is_noise():
+    probs, y = _models()
+    w = optimize_weights(probs, y)
+    uniform = log_loss(blend(probs, np.full(3, 1 / 3)), y)
+    best_single = min(log_loss(p, y) for p in probs)
+    optimised = log_loss(blend(probs, w), y)
+    assert w[2] < 0.05  # the noise model is (almost) switched off
+    assert optimised < uniform - 0.05
+    assert optimised <= best_single  # two different informative models blend better than either
+    # and it is a true optimum: no nearby feasible point is better
+    for i in range(3):
+        for j in range(3):
+            if i != j and w[i] > 0.01:
+                d = np.zeros(3)
+                d[i], d[j] = -0.01, 0.01
+                assert log_loss(blend(probs, w + d), y) >= optimised - 1e-6
+
+
+def test_caruana_drops_the_noise_model_and_beats_uniform():
+    probs, y = _models(seed=1)
+    w = caruana_weights(probs, y, iterations=40)
+    assert w[2] <= 0.05
+    assert log_loss(blend(probs, w), y) < log_loss(blend(probs, np.full(3, 1 / 3)), y)
+    assert np.allclose(w * 40, np.round(w * 40))  # counts of a bag with replacement
+
+
+def test_single_experiment_gets_weight_one():
+    probs, y = _models()
+    assert optimize_weights(probs[:1], y).tolist() == [1.0]
+
+
+def test_fixed_weights_are_normalised_and_checked():
+    assert fixed_weights(["a", "b"], {"a": 3, "b": 1}).tolist() == [0.75, 0.25]
+    assert fixed_weights(["a", "b"], {"a": 2}).tolist() == [1.0, 0.0]
+    with pytest.raises(PipelineError, match=r"ensemble.weights names \['c'\]"):
+        fixed_weights(["a", "b"], {"c": 1})
+    with pytest.raises(PipelineError, match="non-negative"):
+        fixed_weights(["a", "b"], {"a": -1, "b": 1})
