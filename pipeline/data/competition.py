@@ -2,13 +2,18 @@
 
 Layouts (design.md):
 - Classify Leaves: ``train.csv`` (image,label) with paths, ``test.csv`` (image);
-- CIFAR-10: ``trainLabels.csv`` (id,label), ``train_image: train/{id}.png``, test ids from ``test_dir``;
-- Dog breed: ``labels.csv`` (id,breed), test ids from ``sample_submission.csv``, one probability
-  column per class in the submission.
+- CIFAR-10: ``trainLabels.csv`` (id,label), ``train_image: train/{id}.png``, test ids from the
+  files in ``test_dir`` (ids are the file names without extension);
+- Dog breed: ``labels.csv`` (id,breed), ``test_csv: null`` so the test ids come from
+  ``sample_submission.csv``, one probability column per class in the submission.
 
-Every table gets the columns ``id`` (what the submission uses), ``image`` (path relative to the
-competition root, the key in every file between stages) and ``path`` (absolute); train also
-``label``.
+Every table gets the columns ``id`` (as written in the CSV; what the submission uses), ``image``
+(path relative to the competition root with ``/`` separators, the key in every file between
+stages) and ``path`` (absolute); train also ``label``. Ids and labels are always strings
+(``"007"`` stays ``"007"``), and classes sort as strings.
+
+Every problem of the tables (missing columns aside, which stop the reading) is collected and
+raised as one :class:`DataError` listing every offending row, before any training starts.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from pipeline.data.images import ImageReadError, read_image
 from pipeline.errors import PipelineError
 
 MAX_LISTED = 10
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 class DataError(PipelineError):
@@ -55,13 +61,21 @@ class Competition:
         return pd.concat([train, test], ignore_index=True)[["id", "image", "path", "label", "split"]]
 
 
-def _read_csv(path: Path, what: str, required: list[str]) -> pd.DataFrame:
+def _read_csv(path: Path, what: str, required: list[str], key: str) -> pd.DataFrame:
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist; set competition.* in the config to the right file name")
+        raise DataError(f"{what} {path} does not exist; set {key} in the config to the right file name")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as exc:  # pandas raises many kinds; the user needs the file name
+        # dtype=str and no NA parsing: ids like "007" and labels like "NA" or "1" stay as written.
+        # utf-8-sig drops the byte-order mark Excel puts before the first header.
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "save it as UTF-8 CSV") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{what} {path} is empty; it needs a header line and one line per image") from None
+    except Exception as exc:  # pandas raises many kinds (ParserError, ...); the user needs the file name
         raise DataError(f"{what} {path} could not be read as CSV: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(
@@ -71,28 +85,56 @@ def _read_csv(path: Path, what: str, required: list[str]) -> pd.DataFrame:
     return df
 
 
-def _natural_key(s: str):
+def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def _image_path(template: str, id_: str) -> str:
-    return template.format(id=id_)
+    """Template applied to the id, normalised to a relative POSIX path (Windows ``\\`` accepted)."""
+    raw = template.format(id=id_).strip()
+    if raw == "":
+        return ""
+    return str(PurePosixPath(raw.replace("\\", "/")))
 
 
-def _check_paths(df: pd.DataFrame, root: Path, source: str) -> list[str]:
-    problems = []
-    root_resolved = root.resolve()
-    for row, rel in zip(df.index, df["image"]):
-        p = PurePosixPath(rel.replace("\\", "/"))
-        line = row + 2  # header is line 1
-        if rel.strip() == "":
-            problems.append(f"{source} line {line}: empty image path")
-        elif p.is_absolute() or re.match(r"^[A-Za-z]:", rel):
-            problems.append(f"{source} line {line}: {rel!r} is an absolute path; paths must be inside {root}")
-        elif ".." in p.parts or not (root / p).resolve().is_relative_to(root_resolved):
+def _check_paths(df: pd.DataFrame, root: Path, source: str, first_line: int = 2) -> tuple[list[str], list[bool]]:
+    """Problems of ``df['image']`` (row numbers as lines of ``source``) and which rows are usable."""
+    problems, ok = [], []
+    for row, (id_, rel) in enumerate(zip(df["id"], df["image"])):
+        line = row + first_line
+        p = PurePosixPath(rel)
+        if id_ == "":
+            problems.append(f"{source} line {line}: empty id")
+        elif p.is_absolute() or _WINDOWS_DRIVE.match(rel):
+            problems.append(f"{source} line {line}: {rel!r} is an absolute path; paths must be relative "
+                            f"to the competition folder {root}")
+        elif ".." in p.parts:
+            # A textual check on purpose: a symlinked images/ folder (data on another disk) is fine.
             problems.append(f"{source} line {line}: {rel!r} leaves the competition folder {root}")
         elif not (root / p).is_file():
             problems.append(f"{source} line {line}: {rel!r} not found under {root}")
+        else:
+            ok.append(True)
+            continue
+        ok.append(False)
+    return problems, ok
+
+
+def _duplicates(df: pd.DataFrame, column: str, source: str, first_line: int = 2) -> list[str]:
+    dup = df[column].duplicated(keep="first") & (df[column] != "")
+    return [f"{source} line {r + first_line}: {df[column].iat[r]!r} listed twice"
+            for r in range(len(df)) if dup.iat[r]]
+
+
+def _id_mismatch(test_ids: list[str], sample_ids: list[str], test_name: str, sample_name: str) -> list[str]:
+    test_set, sample_set = set(test_ids), set(sample_ids)
+    problems = []
+    for missing, here, there in ((sorted(test_set - sample_set, key=_natural_key), test_name, sample_name),
+                                 (sorted(sample_set - test_set, key=_natural_key), sample_name, test_name)):
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            problems.append(f"{len(missing)} id(s) of {here} are not in {there} ({shown}); a submission must "
+                            "list exactly the test ids")
     return problems
 
 
@@ -100,7 +142,43 @@ def _raise_if(problems: list[str], what: str) -> None:
     if problems:
         shown = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} problem(s) in {what}:\n  {shown}{more}\nFix or remove these rows and run again.")
+        raise DataError(f"{len(problems)} problem(s) in {what}:\n  {shown}{more}\n"
+                        "Fix or remove these rows and run again.")
+
+
+def _test_table(cfg: CompetitionConfig, root: Path, sample: pd.DataFrame, sample_name: str
+                ) -> tuple[pd.DataFrame, str, int]:
+    """Test ids and images from test_dir, test_csv or the sample submission (in that order)."""
+    if cfg.test_dir:
+        folder = root / cfg.test_dir
+        if not folder.is_dir():
+            raise DataError(f"competition.test_dir {folder} is not a folder; set it to the folder of test "
+                            "images, or to null to read test ids from competition.test_csv")
+        exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in cfg.test_extensions}
+        # Hidden files (".DS_Store", macOS "._x.png" resource forks) are never images.
+        files = sorted((f for f in folder.iterdir()
+                        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in exts),
+                       key=lambda f: _natural_key(f.name))
+        if not files:
+            raise DataError(f"competition.test_dir {folder} holds no files ending in {sorted(exts)}; "
+                            "set competition.test_extensions")
+        # The id is the file name without extension; the image is the file itself.
+        test = pd.DataFrame({"id": [f.stem for f in files],
+                             "image": [str(PurePosixPath(*f.relative_to(root).parts)) for f in files]})
+        return test, f"{cfg.test_dir}/", 1
+    if cfg.test_csv:
+        src = root / cfg.test_csv
+        if not src.is_file():
+            raise DataError(f"test table {src} does not exist; set competition.test_csv to the right file "
+                            "name, or to null to take the test ids from competition.test_dir or the "
+                            "sample submission")
+        ids = _read_csv(src, "test table", [cfg.id_column], "competition.test_csv")[cfg.id_column]
+        name = src.name
+    else:
+        ids, name = sample[cfg.id_column], sample_name
+    ids = [str(i).strip() for i in ids]
+    test = pd.DataFrame({"id": ids, "image": [_image_path(cfg.test_image, i) if i else "" for i in ids]})
+    return test, name, 2
 
 
 def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: bool = True) -> Competition:
@@ -108,89 +186,101 @@ def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: 
 
     Args:
         cfg: the ``competition`` section of the config.
-        check_images: also decode every image (parallel, progress bar) and report unreadable ones.
+        check_images: also decode every image (threads, progress bar) and report unreadable ones
+            in the same error as the other problems.
         build: build the embedded default competition first if ``cfg.build`` names one and the
-            folder does not exist yet.
+            folder has not been built yet.
+
+    Raises:
+        DataError: one message listing every problem found (first ``MAX_LISTED`` rows by name).
     """
     root = Path(cfg.root)
-    if build and cfg.build == "digits" and not (root / cfg.train_csv).is_file():
-        from pipeline.data.digits import build_digits
+    if build and cfg.build == "digits":
+        from pipeline.data.digits import ensure_digits
 
-        print(f"building the embedded default competition in {root} (first use)")
-        build_digits(root)
+        ensure_digits(root)
     if not root.is_dir():
         raise DataError(f"competition.root {root} is not a folder; point competition.root at the competition data")
+    root_abs = root.resolve()
 
     train_src = root / cfg.train_csv
-    raw = _read_csv(train_src, "train table", [cfg.id_column, cfg.label_column])
-    train = pd.DataFrame({"id": raw[cfg.id_column].str.strip(), "label": raw[cfg.label_column].str.strip()})
-    train["image"] = [_image_path(cfg.train_image, i) for i in train["id"]]
-
-    problems = [f"{train_src.name} line {r + 2}: empty label" for r in train.index[train["label"] == ""]]
-    problems += [f"{train_src.name} line {r + 2}: empty id" for r in train.index[train["id"] == ""]]
-    dup = train["image"].duplicated(keep="first")
-    problems += [f"{train_src.name} line {r + 2}: {train.at[r, 'image']!r} listed twice" for r in train.index[dup]]
-    problems += _check_paths(train, root, train_src.name)
+    raw = _read_csv(train_src, "train table", [cfg.id_column, cfg.label_column], "competition.train_csv")
+    ids = raw[cfg.id_column].astype(str).str.strip()
+    train = pd.DataFrame({
+        "id": ids.tolist(),
+        "label": raw[cfg.label_column].astype(str).str.strip().tolist(),
+        "image": [_image_path(cfg.train_image, i) if i else "" for i in ids],
+    })
+    tname = train_src.name
+    problems = [f"{tname} line {r + 2}: empty label" for r in range(len(train)) if train["label"].iat[r] == ""]
+    problems += _duplicates(train, "image", tname)
+    path_problems, train_ok = _check_paths(train, root, tname)
+    problems += path_problems
+    if len(train) == 0:
+        problems.append(f"{tname}: no rows; it needs one line per training image")
 
     sub_path = root / cfg.sample_submission
-    sample = _read_csv(sub_path, "sample submission", [cfg.id_column])
-
-    if cfg.test_csv:
-        test_src = root / cfg.test_csv
-        ids = _read_csv(test_src, "test table", [cfg.id_column])[cfg.id_column].str.strip().tolist()
-        test_name = test_src.name
-    elif cfg.test_dir:
-        folder = root / cfg.test_dir
-        if not folder.is_dir():
-            raise DataError(f"competition.test_dir {folder} is not a folder")
-        exts = {e.lower() for e in cfg.test_extensions}
-        files = sorted((f for f in folder.iterdir() if f.suffix.lower() in exts), key=lambda f: _natural_key(f.name))
-        ids = [f.stem for f in files]
-        test_name = f"{cfg.test_dir}/"
-    else:
-        ids = sample[cfg.id_column].str.strip().tolist()
-        test_name = sub_path.name
-    test = pd.DataFrame({"id": ids})
-    test["image"] = [_image_path(cfg.test_image, i) for i in test["id"]]
-    problems += _check_paths(test, root, test_name)
-    _raise_if(problems, f"competition {root}")
+    sample = _read_csv(sub_path, "sample submission", [cfg.id_column], "competition.sample_submission")
+    test, test_name, first_line = _test_table(cfg, root, sample, sub_path.name)
+    problems += _duplicates(test, "id", test_name, first_line)
+    path_problems, test_ok = _check_paths(test, root, test_name, first_line)
+    problems += path_problems
+    problems += _id_mismatch(test["id"].tolist(), sample[cfg.id_column].astype(str).str.strip().tolist(),
+                             test_name, sub_path.name)
 
     for df in (train, test):
-        df["path"] = [str((root / p).resolve()) for p in df["image"]]
+        df["path"] = [str(root_abs / p) if p else "" for p in df["image"]]
 
-    classes = sorted(train["label"].unique().tolist())
+    labels = train.loc[train["label"] != "", "label"]
+    classes = sorted(labels.unique().tolist())
+    if len(train) and len(classes) < 2:
+        problems.append(f"{tname}: column {cfg.label_column!r} holds {len(classes)} class(es) {classes}; "
+                        "a classifier needs at least two")
     if cfg.submission_form == "probabilities":
-        sub_classes = [c for c in sample.columns if c != cfg.id_column]
-        unknown = sorted(set(classes) - set(sub_classes))
+        sub_classes = {c for c in sample.columns if c != cfg.id_column}
+        unknown = [c for c in classes if c not in sub_classes]
         if unknown:
-            raise DataError(
-                f"{sub_path}: labels {unknown[:MAX_LISTED]} of {train_src.name} have no probability column; "
-                "the sample submission must list every class"
-            )
-    comp = Competition(cfg, root, train, test, classes, sample)
+            problems.append(f"{sub_path.name}: no probability column for {len(unknown)} class(es) of {tname} "
+                            f"({', '.join(map(repr, unknown[:MAX_LISTED]))}); with submission_form: "
+                            "probabilities the sample submission must have one column per class")
+
     if check_images:
-        check_image_files(comp.all_images(), what=f"competition {root}")
-    return comp
+        for df, ok, source, first in ((train, train_ok, tname, 2), (test, test_ok, test_name, first_line)):
+            problems += _decode_problems(df, ok, source, first)
+    _raise_if(problems, f"competition {root}")
+    return Competition(cfg, root, train, test, classes, sample)
+
+
+def _probe(path: str) -> str | None:
+    try:
+        read_image(path)
+    except ImageReadError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
+
+
+def _decode_all(paths: list[str], workers: int) -> list[str | None]:
+    # cv2 releases the GIL while decoding, so threads overlap the work without pickling images.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(tqdm(pool.map(_probe, paths), total=len(paths), desc="checking images",
+                         leave=False, disable=len(paths) < 2000))
+
+
+def _decode_problems(df: pd.DataFrame, ok: list[bool], source: str, first_line: int, workers: int = 4) -> list[str]:
+    rows = [r for r in range(len(df)) if ok[r]]
+    results = _decode_all([df["path"].iat[r] for r in rows], workers)
+    return [f"{source} line {r + first_line}: {df['image'].iat[r]!r} {msg}"
+            for r, msg in zip(rows, results) if msg]
 
 
 def check_image_files(table: pd.DataFrame, what: str = "images", workers: int = 4) -> None:
     """Decode every image in ``table['path']``; raise one :class:`DataError` naming all bad ones."""
-
-    def probe(path: str) -> str | None:
-        try:
-            read_image(path)
-        except ImageReadError as exc:
-            return str(exc)
-        return None
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(probe, table["path"]), total=len(table), desc="checking images",
-                            leave=False, disable=len(table) < 2000))
-    problems = [f"{img}: {msg.split(': ', 1)[-1]}" for img, msg in zip(table["image"], results) if msg]
-    _raise_if(problems, what)
+    results = _decode_all(table["path"].tolist(), workers)
+    _raise_if([f"{img}: {msg}" for img, msg in zip(table["image"], results) if msg], what)
 
 
 def save_classes(classes: list[str], path: str | Path) -> Path:
+    """Write ``{"classes": [...]}`` (the run's class order; probability columns follow it)."""
     from pipeline.io import atomic_write_json
 
     return atomic_write_json(path, {"classes": list(classes)})
