@@ -1,0 +1,144 @@
+"""Plots for :mod:`pipeline.compare`: learning curves per fold and experiment, CV scores with spread.
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot), so the command works on a
+headless machine and the notebook shows the same figure inline.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from pipeline.compare import RunRecord, summarize
+from pipeline.io import atomic_save_figure
+
+MAX_EXPERIMENTS = 12  # beyond this the per-experiment rows stop being readable; pick with names/--where
+
+
+def _curve(ax, hist: pd.DataFrame, col: str, color, style: str, label: str | None = None) -> bool:
+    if col not in hist.columns or hist[col].isna().all():
+        return False
+    ax.plot(hist["epoch"] + 1, hist[col], style, color=color, lw=1.4, marker="o", ms=2.5, label=label)
+    return True
+
+
+def plot_learning_curves(ax_loss, ax_acc, run: RunRecord, acc_limits: tuple[float, float] | None = None) -> None:
+    """Train/val loss and val accuracy of every fold of ``run`` on two axes (one colour per fold)."""
+    colors = _fold_colors(len(run.folds))
+    has_ema = False
+    for f in run.folds:
+        if f.history is None or f.history.empty:
+            continue
+        c = colors[f.fold]
+        _curve(ax_loss, f.history, "train_loss", c, "-")
+        _curve(ax_loss, f.history, "val_loss", c, "--")
+        _curve(ax_acc, f.history, "val_acc", c, "-")
+        has_ema |= _curve(ax_acc, f.history, "ema_val_acc", c, ":")
+    done = f"{len(run.complete_folds)}/{len(run.folds)} folds"
+    cv = [f.score for f in run.complete_folds]
+    score = f"CV {np.mean(cv):.4f}" if cv else "no complete fold"
+    title = f"{run.experiment} ({run.get('model.backbone', '?')}, {run.get('train.img_size', '?')}px)"
+    ax_loss.set_title(f"{title}: loss", fontsize=10)
+    ax_acc.set_title(f"{title}: val accuracy, {score}, {done}", fontsize=10)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_acc.set_ylabel("val accuracy")
+    if acc_limits:
+        ax_acc.set_ylim(*acc_limits)
+    fold_handles = [Line2D([], [], color=colors[f.fold], lw=2,
+                           label=f"fold {f.fold}" + ("" if f.complete else " (incomplete)"))
+                    for f in run.folds if f.history is not None and not f.history.empty]
+    ax_loss.legend(handles=fold_handles + [Line2D([], [], color="gray", ls="-", label="train"),
+                                           Line2D([], [], color="gray", ls="--", label="val")],
+                   fontsize=7, loc="upper right")
+    if has_ema:
+        ax_acc.legend(handles=[Line2D([], [], color="gray", ls="-", label="model"),
+                               Line2D([], [], color="gray", ls=":", label="EMA")], fontsize=7, loc="lower right")
+
+
+def plot_cv_bars(ax, runs: list[RunRecord], table: pd.DataFrame) -> None:
+    """CV accuracy mean per experiment with ±std error bars and every fold's score as a dot."""
+    x = np.arange(len(table))
+    means = table["cv_mean"].to_numpy(dtype=float)
+    stds = np.nan_to_num(table["cv_std"].to_numpy(dtype=float))
+    complete = (table["status"] == "complete").to_numpy()
+    bars = ax.bar(x, np.nan_to_num(means), yerr=stds, capsize=5, color=["C0" if c else "lightsteelblue" for c in complete],
+                  edgecolor="black", lw=0.6, label="mean ± std over folds")
+    for bar, c in zip(bars, complete):
+        if not c:
+            bar.set_hatch("//")
+    by_name = {r.experiment: r for r in runs}
+    scores_all = []
+    for i, name in enumerate(table["experiment"]):
+        scores = [f.score for f in by_name[name].complete_folds]
+        scores_all += scores
+        jitter = np.linspace(-0.15, 0.15, len(scores)) if len(scores) > 1 else np.zeros(len(scores))
+        ax.scatter(i + jitter, scores, color="black", s=14, zorder=3, label="fold score" if i == 0 else None)
+    labels = []
+    for _, row in table.iterrows():
+        cv = "no complete fold" if math.isnan(row["cv_mean"]) else f"CV {row['cv_mean']:.4f}"
+        if not math.isnan(row["cv_std"]):
+            cv += f" ± {row['cv_std']:.4f}"
+        labels.append(f"{row['experiment']}\n{cv}\n{row['folds_complete']}/{row['folds_total']} folds")
+    ax.set_xticks(x, labels, fontsize=8)
+    if scores_all:
+        # zoom on the scores (bars then start below the lowest fold) so fold differences stay visible
+        lo = min(scores_all + list(means[~np.isnan(means)] - stds[~np.isnan(means)]))
+        hi = max(scores_all + list(means[~np.isnan(means)] + stds[~np.isnan(means)]))
+        pad = max(0.01, 0.15 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + 2.5 * pad) + 0.005)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("CV accuracy per experiment (bars: mean ± std over complete folds; dots: folds; "
+                 "hatched: incomplete)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=8, loc="upper right", ncol=2)
+
+
+def plot_runs(runs: list[RunRecord], table: pd.DataFrame | None = None, path: str | Path | None = None) -> Figure:
+    """Learning curves (one row per experiment) above a CV bar chart; saved atomically when ``path`` is given.
+
+    Args:
+        runs: from :func:`pipeline.compare.load_runs`, in the order to show.
+        table: the matching :func:`pipeline.compare.summarize` table (computed when omitted).
+        path: image file to write (format from the suffix).
+    """
+    if len(runs) > MAX_EXPERIMENTS:
+        print(f"plotting the first {MAX_EXPERIMENTS} of {len(runs)} experiments; choose others by name or --where")
+        runs = runs[:MAX_EXPERIMENTS]
+    table = summarize(runs) if table is None else table[table["experiment"].isin([r.experiment for r in runs])]
+    table = table.reset_index(drop=True)
+    with_curves = [r for r in runs if any(f.history is not None and not f.history.empty for f in r.folds)]
+    n = len(with_curves)
+    fig = Figure(figsize=(13, 3.2 * n + 4), layout="constrained")
+    grid = fig.add_gridspec(n + 1, 2, height_ratios=[1] * n + [1.2])
+    accs = [v for r in with_curves for f in r.folds if f.history is not None
+            for col in ("val_acc", "ema_val_acc") if col in f.history for v in f.history[col].dropna()]
+    limits = (max(0.0, min(accs) - 0.02), min(1.0, max(accs)) + 0.02) if accs else None
+    first_loss = first_acc = None
+    for i, run in enumerate(with_curves):
+        ax_loss = fig.add_subplot(grid[i, 0], sharex=first_loss, sharey=first_loss)
+        ax_acc = fig.add_subplot(grid[i, 1], sharex=first_loss, sharey=first_acc)
+        first_loss, first_acc = first_loss or ax_loss, first_acc or ax_acc
+        plot_learning_curves(ax_loss, ax_acc, run, limits)
+    plot_cv_bars(fig.add_subplot(grid[n, :]), runs, table)
+    fig.suptitle(f"Run comparison: {len(runs)} experiment(s)", fontsize=12)
+    if path is not None:
+        atomic_save_figure(path, fig)
+    return fig
+
+
+def _fold_colors(k: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if k <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(max(k, 1))]
