@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import string
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -23,7 +24,14 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: `--set experiment=2024` or an id column named 0 are strings, not errors.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+def _plain_folder_name(v: str) -> str:
+    if not v or "/" in v or "\\" in v or v.startswith(".") or ":" in v:
+        raise ValueError("must be a plain folder name (no '/', '\\' or ':', not starting with '.')")
+    return v
 
 
 class PathsConfig(Section):
@@ -37,6 +45,8 @@ class CompetitionConfig(Section):
     root: str = "data/digits"
     train_csv: str = "train.csv"
     test_csv: str | None = "test.csv"
+    # Where test ids come from: test_dir (file names without extension) when set, else test_csv,
+    # else the sample submission.
     test_dir: str | None = None
     test_extensions: list[str] = [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"]
     sample_submission: str = "sample_submission.csv"
@@ -49,18 +59,47 @@ class CompetitionConfig(Section):
     solution: str | None = None
     build: Literal["digits"] | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str | None) -> str | None:
+        return None if v is None else _plain_folder_name(v)
+
+    @field_validator("train_image", "test_image")
+    @classmethod
+    def _template_has_id(cls, v: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"is not a valid path template ({exc}); write e.g. 'train/{{id}}.png'") from None
+        if fields != {"id"}:
+            raise ValueError("must contain the field {id} (the id column's value) and no other {...} field, "
+                             "e.g. 'train/{id}.png' or '{id}' when the id is already the path")
+        return v
+
     @property
     def slug(self) -> str:
-        return self.name or Path(self.root).name
+        """Folder name under ``paths.work``: ``name``, else the name of ``root``."""
+        return self.name or Path(self.root).resolve().name or "competition"
 
 
 class DedupConfig(Section):
-    phash_max_distance: int = Field(12, ge=0, le=64)
-    min_correlation: float = Field(0.95, ge=-1.0, le=1.0)
+    # Candidates: pHash Hamming distance; verification: correlation of thumb_size^2 gray thumbnails.
+    # A pair at sure_correlation or above is a duplicate; one between min_correlation and it only if
+    # it is neighbour_ratio times closer (in 1 - r) than the neighbour_rank-th nearest candidate of
+    # both images, so look-alikes (two handwritten "1"s) are not merged. Defaults measured on the
+    # digits default and photo tiles (benchmarks/dedup.py).
+    phash_max_distance: int = Field(14, ge=0, le=64)
+    min_correlation: float = Field(0.93, ge=-1.0, le=1.0)
+    sure_correlation: float = Field(0.998, ge=-1.0, le=1.0)
+    neighbour_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    neighbour_rank: int = Field(3, ge=1)
+    flat_std: float = Field(3.0, ge=0.0)
+    flat_max_level_diff: float = Field(10.0, ge=0.0)
     thumb_size: int = Field(16, ge=4, le=128)
     policy: Literal["keep_all", "keep_one"] = "keep_all"
     conflicts: Literal["drop", "majority", "keep"] = "drop"
     workers: int = Field(2, ge=0)
+    sheet_groups: int = Field(12, ge=0)
 
 
 class FoldsConfig(Section):
@@ -87,6 +126,17 @@ class AugmentConfig(Section):
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
     eval_crop_pct: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AugmentConfig:
+        if self.ratio_min > self.ratio_max:
+            raise ValueError(f"ratio_min {self.ratio_min} is larger than ratio_max {self.ratio_max}")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name} needs three values (R, G, B), got {getattr(self, name)}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std values must be positive, got {self.std}")
+        return self
 
 
 class TrainConfig(Section):
@@ -170,9 +220,7 @@ class Config(Section):
     @field_validator("experiment")
     @classmethod
     def _experiment_is_a_folder_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
-        return v
+        return _plain_folder_name(v)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -188,10 +236,17 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: the key {key!r} is not a dotted key such as train.lr")
+    if not raw.strip():
+        return key.split("."), ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: the value {raw!r} is not valid YAML ({exc})") from None
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        # Not YAML (e.g. "{id}.png", an unclosed quote): take the text as written; the schema
+        # still checks it, and a template needs no shell-hostile quoting.
+        return key.split("."), raw.strip()
+    if isinstance(value, dict) and ":" not in raw:
+        # "{id}" parses as YAML's set form {id: null}; nobody means that on a command line.
+        value = raw.strip()
     return key.split("."), value
 
 
@@ -223,23 +278,77 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _error_key(loc: tuple, schema: type[BaseModel]) -> str:
+    """Dotted key of a pydantic error location, without the union-member tags pydantic adds."""
+    key, ann = "", schema
+    for part in loc:
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if isinstance(part, int):
+            key += f"[{part}]"
+            ann = (get_args(ann) or (None,))[0]
+        elif model is not None:  # a field, or an unknown key (extra_forbidden)
+            key = f"{key}.{part}" if key else str(part)
+            ann = model.model_fields[part].annotation if part in model.model_fields else None
+        elif get_origin(ann) is dict:
+            key += f".{part}"
+            ann = (get_args(ann) or (None, None))[-1]
+        # else: a union member tag such as 'bool' or "literal['auto']": not part of the key
+    return key
+
+
+def _leaf_keys(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaf_keys(f"{key}.{k}", v)]
+    return [key]
+
+
+def _section_fields(schema: type[BaseModel], key: str) -> list[str]:
+    node: Any = schema
+    for part in filter(None, key.split(".")):
+        ann = node.model_fields[part].annotation if part in node.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        node = ann
+    return sorted(node.model_fields)
+
+
 def _format_errors(err: ValidationError, data: dict[str, Any], schema: type[BaseModel], source: str) -> str:
     known = _known_keys(schema)
-    lines = []
+    grouped: dict[str, list[dict]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+        grouped.setdefault(_error_key(e["loc"], schema), []).append(e)
+    lines = []
+    for key, errs in grouped.items():
+        value = errs[0].get("input")
+        types = {e["type"] for e in errs}
+        if "extra_forbidden" in types:
+            typed = _leaf_keys(key, value)
+            close = [m for t in typed for m in difflib.get_close_matches(t, known, n=1, cutoff=0.6)]
+            close = list(dict.fromkeys(close or difflib.get_close_matches(key, known, n=3, cutoff=0.6)))
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             parent = key.rsplit(".", 1)[0] if "." in key else ""
-            siblings = [k.rsplit(".", 1)[-1] for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-            lines.append(f"unknown key '{key}'.{hint} Known keys here: {', '.join(sorted(siblings))}")
-        elif e["type"] == "literal_error":
-            allowed = e.get("ctx", {}).get("expected", "")
-            lines.append(f"'{key}' = {value!r} is not allowed; allowed values: {allowed}")
+            here = f" under '{parent}'" if parent else ""
+            lines.append(f"unknown key '{typed[0] if len(typed) == 1 else key}'.{hint} "
+                         f"Known keys{here}: {', '.join(_section_fields(schema, parent))}")
+        elif types & {"model_type", "model_attributes_type", "dict_type"} and _section_fields(schema, key):
+            fields = _section_fields(schema, key)
+            lines.append(f"'{key}' = {value!r}: '{key}' is a section of keys ({', '.join(fields[:6])}"
+                         f"{', ...' if len(fields) > 6 else ''}), not a value; set e.g. {key}.{fields[0]}=...")
         else:
-            lines.append(f"'{key}' = {value!r}: {e['msg']}")
+            msgs = []
+            for e in errs:
+                if e["type"] == "literal_error":
+                    msg = f"allowed values: {e.get('ctx', {}).get('expected', '')}"
+                elif e["type"] == "list_type":
+                    msg = "must be a list, e.g. [a, b] (quote it on a command line: --set 'key=[a, b]')"
+                else:
+                    msg = e["msg"].replace("Value error, ", "").replace("Input should be", "must be")
+                    msg = msg.split(", unable to")[0]  # pydantic's parser detail says nothing more
+                msgs.append(msg)
+            text = " or ".join(dict.fromkeys(msgs))
+            # A check across a section's keys: the whole section as "value" would only be noise.
+            shown = f"'{key}'" if isinstance(value, dict) else f"'{key}' = {value!r}"
+            lines.append(f"{shown}: {text}")
     return f"invalid config ({source}):\n  " + "\n  ".join(lines)
 
 
@@ -249,6 +358,27 @@ def build_config(data: dict[str, Any], schema: type[C] = Config, source: str = "
         return schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, data, schema, source)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str | int | float | bool):
+            continue  # unhashable keys: construct_mapping reports them
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"found the key {key!r} twice; keep one",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
 def load_config(
@@ -269,7 +399,9 @@ def load_config(
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config PATH to an existing YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -295,4 +427,5 @@ def add_config_args(parser: argparse.ArgumentParser, default_path: str = DEFAULT
 
 
 def config_from_args(args: argparse.Namespace, schema: type[C] = Config) -> C:
+    """The validated config named by ``--config`` with the ``--set`` overrides of ``args``."""
     return load_config(args.config, args.overrides, schema=schema)
