@@ -1,0 +1,58 @@
+"""Mixed precision: which dtype ``train.amp`` means on this device, the autocast context, the scaler."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Amp:
+    """Resolved AMP setting: ``dtype`` None means full float32."""
+
+    device_type: str
+    dtype: torch.dtype | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def name(self) -> str:
+        return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        """The autocast context for forward passes (a no-op when off)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling is needed for fp16 only; bf16 has float32's range."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype is torch.float16)
+
+
+def resolve_amp(mode: str, device: torch.device) -> Amp:
+    """``auto``: bf16 on GPUs that support it, else fp16 on CUDA; off on the CPU.
+
+    Args:
+        mode: ``train.amp`` (auto, bf16, fp16, off).
+        device: the training device.
+    """
+    kind = device.type
+    if mode == "off":
+        return Amp(kind, None)
+    if kind != "cuda":
+        if mode == "fp16":
+            raise PipelineError("train.amp = fp16 needs a CUDA GPU; on the CPU use --set train.amp=off "
+                                "(or bf16, which the CPU autocast supports)")
+        # auto stays off on the CPU: CPU autocast is rarely faster for convolutions and changes results.
+        return Amp(kind, torch.bfloat16 if mode == "bf16" else None)
+    if mode == "bf16" and not torch.cuda.is_bf16_supported():
+        raise PipelineError("train.amp = bf16 but this GPU has no bfloat16 support; use --set train.amp=fp16 or auto")
+    if mode == "auto":
+        return Amp(kind, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return Amp(kind, torch.bfloat16 if mode == "bf16" else torch.float16)

@@ -1,0 +1,226 @@
+"""The classification loop in the shape of timm's train.py: ``train_one_epoch()`` and ``validate()``.
+
+Mixup/CutMix, losses and EMA come from timm; this module only wires them into one pass over a
+DataLoader with AMP, gradient accumulation, clipping, a per-update schedule and DDP.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import dispatch_clip_grad, unwrap_model
+from tqdm.auto import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.engine.amp import Amp
+from pipeline.engine.distributed import DistInfo, all_gather_object, reduce_mean
+from pipeline.engine.optim import current_lr
+from pipeline.errors import PipelineError
+
+
+class NonFiniteLossError(PipelineError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int, lr: float, value: float):
+        self.epoch, self.step, self.lr, self.value = epoch, step, lr, value
+        super().__init__(
+            f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} (learning rate "
+            f"{lr:.3g}); the fold stopped and last.pt keeps the last good epoch. Lower train.lr, set "
+            "train.clip_grad (e.g. 1.0) or train.amp=off, then train the fold again"
+        )
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    lr: float
+    images: int
+    time_s: float
+    num_updates: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.time_s, 1e-9)
+
+
+@dataclass
+class EvalResult:
+    """Per-image outputs of a validation pass in dataset order, and their summary."""
+
+    probs: np.ndarray
+    losses: np.ndarray
+    targets: np.ndarray
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses.mean()) if len(self.losses) else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.probs.argmax(1) == self.targets).mean()) if len(self.targets) else float("nan")
+
+
+def create_mixup(train_cfg: TrainConfig, num_classes: int) -> Mixup | None:
+    """timm's batch Mixup/CutMix (it also applies label smoothing to the soft targets), or None."""
+    if train_cfg.mixup_alpha <= 0 and train_cfg.cutmix_alpha <= 0:
+        return None
+    return Mixup(mixup_alpha=train_cfg.mixup_alpha, cutmix_alpha=train_cfg.cutmix_alpha,
+                 prob=train_cfg.mixup_prob, switch_prob=train_cfg.mixup_switch_prob, mode="batch",
+                 label_smoothing=train_cfg.label_smoothing, num_classes=num_classes)
+
+
+def create_train_loss(train_cfg: TrainConfig, mixup: Mixup | None) -> torch.nn.Module:
+    """Soft-target CE with Mixup, label-smoothing CE with smoothing alone, else plain CE."""
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if train_cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=train_cfg.label_smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def _all_finite(value: float, info: DistInfo) -> bool:
+    """Whether the loss is finite on every rank (a rank alone stopping would hang the others)."""
+    bad = not math.isfinite(value)
+    if info.enabled:
+        flag = torch.tensor([float(bad)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return not bad
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    *,
+    epoch: int,
+    info: DistInfo,
+    amp: Amp,
+    scaler: torch.amp.GradScaler,
+    scheduler=None,
+    num_updates: int = 0,
+    accum_steps: int = 1,
+    clip_grad: float | None = None,
+    mixup: Mixup | None = None,
+    ema=None,
+    channels_last: bool = False,
+    desc: str = "train",
+) -> TrainStats:
+    """One pass over ``loader``; the schedule is stepped after every optimizer update.
+
+    Args:
+        model: the model to train (possibly DDP-wrapped or compiled).
+        epoch: 0-based epoch, for messages.
+        num_updates: optimizer updates done before this epoch (the schedule's clock).
+        ema: timm ``ModelEmaV3`` updated after every optimizer update, or None.
+
+    Raises:
+        NonFiniteLossError: the loss was NaN/inf on some rank; nothing of this step was applied.
+    """
+    model.train()
+    device = info.device
+    n_batches = len(loader)
+    last_accum_start = n_batches - (n_batches % accum_steps or accum_steps)
+    total_loss, seen = 0.0, 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, total=n_batches, desc=desc, leave=False, disable=not info.is_main, dynamic_ncols=True)
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup is not None and len(images) % 2:
+            # timm's batch Mixup pairs each image with its mirror in the batch: it needs an even batch.
+            images, targets = images[:-1], targets[:-1]
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # Accumulation groups at the end of an epoch may be short; divide by their true length.
+        group = accum_steps if step < last_accum_start else n_batches - last_accum_start
+        is_update = (step + 1) % accum_steps == 0 or step + 1 == n_batches
+        sync = contextlib.nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp.autocast():
+                loss = loss_fn(model(images), targets)
+            value = float(loss.detach())
+            if not _all_finite(value, info):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(epoch, step, current_lr(optimizer), value)
+            scaler.scale(loss / group).backward()
+        if is_update:
+            if clip_grad is not None:
+                scaler.unscale_(optimizer)
+                dispatch_clip_grad(model.parameters(), value=clip_grad, mode="norm")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if ema is not None:
+                ema.update(unwrap_model(model), step=num_updates)
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+        total_loss += value * len(images)
+        seen += len(images)
+        if info.is_main and (step % 10 == 0 or step + 1 == n_batches):
+            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{current_lr(optimizer):.2e}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    images_total = int(round(reduce_mean(seen, info) * info.world_size))
+    return TrainStats(loss=reduce_mean(total_loss / max(seen, 1), info), lr=current_lr(optimizer),
+                      images=images_total, time_s=elapsed, num_updates=num_updates)
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, loader, n_total: int, shard: np.ndarray, *, info: DistInfo, amp: Amp,
+             channels_last: bool = False, desc: str = "valid") -> EvalResult:
+    """Softmax probabilities and per-image losses of every validation image, on every rank.
+
+    Each rank predicts its own shard (``shard`` = dataset indices of ``loader``, in order, with no
+    padding) and the shards are gathered, so every image appears exactly once.
+
+    Args:
+        model: the bare (unwrapped) model or its EMA copy; DDP's forward would sync buffers.
+        n_total: number of images in the whole validation set.
+        shard: indices into the whole validation set that this rank's ``loader`` yields, in order.
+    """
+    model.eval()
+    probs, losses, targets = [], [], []
+    for images, target in tqdm(loader, desc=desc, leave=False, disable=not info.is_main, dynamic_ncols=True):
+        images = images.to(info.device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            logits = model(images)
+        logits = logits.float().cpu()
+        probs.append(logits.softmax(1).numpy())
+        losses.append(F.cross_entropy(logits, target, reduction="none").numpy())
+        targets.append(target.numpy())
+    n_classes = probs[0].shape[1] if probs else 0
+    mine = (
+        shard,
+        np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32),
+        np.concatenate(losses) if losses else np.zeros(0, np.float32),
+        np.concatenate(targets) if targets else np.zeros(0, np.int64),
+    )
+    parts = all_gather_object(mine, info)
+    n_classes = max(p[1].shape[1] for p in parts)
+    out_p = np.zeros((n_total, n_classes), np.float32)
+    out_l = np.zeros(n_total, np.float32)
+    out_t = np.full(n_total, -1, np.int64)
+    covered = np.zeros(n_total, bool)
+    for idx, p, lo, t in parts:
+        out_p[idx], out_l[idx], out_t[idx] = p, lo, t
+        covered[idx] = True
+    if not covered.all():
+        raise RuntimeError(f"validation shards missed {int((~covered).sum())} images")  # a bug, not user error
+    return EvalResult(out_p, out_l, out_t)
