@@ -70,3 +70,55 @@ def test_fixed_weights_are_normalised_and_checked():
         fixed_weights(["a", "b"], {"c": 1})
     with pytest.raises(PipelineError, match="non-negative"):
         fixed_weights(["a", "b"], {"a": -1, "b": 1})
+
+
+def test_ensemble_stage_blends_two_experiments_into_a_valid_submission(make_cfg, capsys):
+    """Two tiny experiments written in the train stage's form, predicted, blended and submitted."""
+    import json
+
+    import pandas as pd
+    from test_predict import fake_fold
+
+    from pipeline.data import load_competition
+    from pipeline.ensemble import discover_experiments, main
+    from pipeline.predict import predict_fold
+
+    cfgs = []
+    for i, exp in enumerate(["tiny_a", "tiny_b"]):
+        cfg = make_cfg(f"experiment={exp}", "model.backbone=test_resnet", "folds.k=2", "tta=[identity]",
+                       "train.img_size=16")
+        for k in range(2):
+            fake_fold(cfg, k, seed=10 * i + k)
+            predict_fold(cfg, k, quiet=True)
+        cfgs.append(cfg)
+    cfg = cfgs[0]
+    incomplete = make_cfg("experiment=tiny_c", "model.backbone=test_resnet", "folds.k=2")
+    fake_fold(incomplete, 0)  # fold 1 missing: not blended, and said so
+    assert discover_experiments(cfg) == ["tiny_a", "tiny_b"]
+    assert "skipping tiny_c" in capsys.readouterr().out
+
+    args = ["--name", "demo"]
+    for k, v in {"paths.runs": cfg.paths.runs, "paths.submissions": cfg.paths.submissions,
+                 "paths.work": cfg.paths.work, "competition.root": cfg.competition.root,
+                 "competition.solution": cfg.competition.solution, "wandb.mode": "disabled"}.items():
+        args += ["--set", f"{k}={v}"]
+    result = main(args)
+    out = capsys.readouterr().out
+    assert "blend" in out and "score against the hidden solution" in out
+    assert set(result.weights) == {"tiny_a", "tiny_b"}
+    assert sum(result.weights.values()) == pytest.approx(1.0) and min(result.weights.values()) >= 0
+    lls = result.table.set_index("experiment")["logloss_tta"]
+    assert lls["blend"] <= min(lls["tiny_a"], lls["tiny_b"]) + 1e-9
+    comp = load_competition(cfg.competition)
+    sub = pd.read_csv(result.submission, dtype=str, keep_default_na=False)
+    assert result.submission.name.startswith("demo_")
+    assert list(sub.columns) == list(comp.sample_submission.columns)
+    assert sub["image"].tolist() == comp.sample_submission["image"].tolist()
+    assert set(sub["label"]) <= set(comp.classes)
+    meta = json.loads(result.submission.with_suffix(".json").read_text())
+    assert meta["experiments"] == ["tiny_a", "tiny_b"] and meta["folds"]["tiny_a"] == [0, 1]
+    assert meta["weights"] == result.weights and meta["tta"]["tiny_b"] == ["identity"]
+    assert 0.0 <= meta["solution_score"]["value"] <= 1.0
+    # a second blend never replaces the first
+    again = main(args)
+    assert again.submission != result.submission and result.submission.is_file()

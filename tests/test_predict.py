@@ -53,7 +53,7 @@ def fake_fold(cfg, fold: int = 0, seed: int = 0) -> pd.DataFrame:
 @pytest.fixture
 def tiny_cfg(make_cfg):
     def _make(*overrides):
-        return make_cfg("model.backbone=test_resnet", "predict.batch_size=128", *overrides)
+        return make_cfg("model.backbone=test_resnet", "predict.batch_size=128", "train.img_size=16", *overrides)
     return _make
 
 
