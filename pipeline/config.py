@@ -91,11 +91,12 @@ class DedupConfig(Section):
     phash_max_distance: int = Field(14, ge=0, le=64)
     min_correlation: float = Field(0.93, ge=-1.0, le=1.0)
     sure_correlation: float = Field(0.998, ge=-1.0, le=1.0)
-    neighbour_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    neighbour_ratio: float = Field(0.2, gt=0.0, le=1.0)
     neighbour_rank: int = Field(3, ge=1)
     flat_std: float = Field(3.0, ge=0.0)
     flat_max_level_diff: float = Field(10.0, ge=0.0)
     thumb_size: int = Field(16, ge=4, le=128)
+    align_crops: list[float] = [0.03, 0.06]  # centre crops compared too (fraction cut per side)
     policy: Literal["keep_all", "keep_one"] = "keep_all"
     conflicts: Literal["drop", "majority", "keep"] = "drop"
     workers: int = Field(2, ge=0)
@@ -403,7 +404,10 @@ def load_config(
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+                          ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
