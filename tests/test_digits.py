@@ -1,0 +1,110 @@
+"""The embedded default competition: deterministic, readable, and with its planted duplicates."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data import load_competition, read_image
+from pipeline.data.digits import CLASS_NAMES, IMAGE_SIZE, build_digits, is_built, private_dir
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def planted(digits_root) -> dict:
+    return read_json(private_dir(digits_root) / "planted.json")
+
+
+def test_first_use_builds_the_same_bytes(digits_root, tmp_path, capsys):
+    """A second build (here on first use through the reader) is byte-for-byte the first."""
+    root = tmp_path / "data" / "digits"
+    cfg = load_config(REPO / "configs" / "default.yaml", [f"competition.root={root}"])
+    assert cfg.competition.build == "digits" and not root.exists()
+    comp = load_competition(cfg.competition)
+    assert "building the embedded default competition" in capsys.readouterr().out
+    assert _files(root) == _files(digits_root)
+    assert _files(private_dir(root)) == _files(private_dir(digits_root))
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    load_competition(cfg.competition)  # built: not rebuilt
+    assert capsys.readouterr().out == ""
+    assert comp.classes == sorted(CLASS_NAMES)
+
+
+def test_tables_and_images(digits_root, planted):
+    train = pd.read_csv(digits_root / "train.csv", dtype=str)
+    test = pd.read_csv(digits_root / "test.csv", dtype=str)
+    sample = pd.read_csv(digits_root / "sample_submission.csv", dtype=str)
+    solution = pd.read_csv(private_dir(digits_root) / "solution.csv", dtype=str)
+    n_copies = sum(len(planted[k]) for k in ("exact", "near", "conflict", "overlap"))
+    assert len(train) + len(test) == 1797 + n_copies  # every bundled digit, plus the planted copies
+    assert planted["counts"] == {"train": len(train), "test": len(test)}
+    assert list(train.columns) == ["image", "label"] and set(train["label"]) == set(CLASS_NAMES)
+    assert sample["image"].tolist() == test["image"].tolist() == solution["image"].tolist()
+    assert set(solution["label"]) <= set(CLASS_NAMES)
+    assert not set(train["image"]) & set(test["image"])
+    img = read_image(digits_root / train["image"].iat[0])
+    assert img.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and img.dtype == np.uint8
+    comp = load_competition(load_config(REPO / "configs" / "default.yaml",
+                                        [f"competition.root={digits_root}"]).competition, check_images=True)
+    assert len(comp.train) == len(train) and len(comp.test) == len(test)
+
+
+def test_planted_duplicates(digits_root, planted):
+    train = pd.read_csv(digits_root / "train.csv", dtype=str).set_index("image")["label"]
+    test = set(pd.read_csv(digits_root / "test.csv", dtype=str)["image"])
+    pixels = {name: read_image(digits_root / name).astype(int) for name in list(train.index) + sorted(test)}
+    assert len(planted["exact"]) >= 3 and len(planted["near"]) >= 3 and len(planted["overlap"]) >= 2
+
+    for src, copy in planted["exact"]:
+        assert src in train.index and copy in train.index and train[src] == train[copy]
+        assert np.array_equal(pixels[src], pixels[copy])
+    bmp = [copy for _, copy in planted["exact"] if copy.endswith(".bmp")]
+    assert bmp and (digits_root / bmp[0]).read_bytes() != (digits_root / planted["exact"][0][0]).read_bytes()
+
+    for src, copy in planted["near"]:
+        assert copy.endswith(".jpg") and train[src] == train[copy]
+        diff = np.abs(pixels[src] - pixels[copy])
+        assert diff.max() > 0  # not an exact copy ...
+        assert 2 < diff.mean() < 20  # ... but a small brightness change and JPEG noise
+        assert np.corrcoef(pixels[src].ravel(), pixels[copy].ravel())[0, 1] > 0.97
+
+    (conflict,) = planted["conflict"]
+    a, b = conflict["images"]
+    assert np.array_equal(pixels[a], pixels[b])
+    assert [train[a], train[b]] == conflict["labels"] and train[a] != train[b]
+
+    for pair in planted["overlap"]:
+        assert pair["test"] in test and pair["train"] in train.index
+        assert np.array_equal(pixels[pair["test"]], pixels[pair["train"]])
+
+    # Nothing else is a duplicate: every group of identical pixels is a planted one.
+    groups: dict[str, list[str]] = {}
+    for name, px in pixels.items():
+        groups.setdefault(hashlib.sha1(px.astype(np.uint8).tobytes()).hexdigest(), []).append(name)
+    found = sorted(sorted(g) for g in groups.values() if len(g) > 1)
+    expected = sorted(sorted(p) for p in planted["exact"] + [conflict["images"]]
+                      + [[o["test"], o["train"]] for o in planted["overlap"]])
+    assert found == expected
+
+
+def test_incomplete_build_is_detected_and_foreign_folders_are_kept(digits_copy, tmp_path):
+    assert is_built(digits_copy)
+    (private_dir(digits_copy) / "solution.csv").unlink()
+    assert not is_built(digits_copy)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "labels.csv").write_text("id,breed\n")
+    with pytest.raises(PipelineError, match="refusing to replace it"):
+        build_digits(user, force=True)
+    assert (user / "labels.csv").read_text() == "id,breed\n"
