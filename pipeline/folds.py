@@ -27,6 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import paths
 from pipeline.config import Config, add_config_args, config_from_args
+from pipeline.dedup import ensure_dedup
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 
@@ -259,22 +260,12 @@ def ensure_folds(cfg: Config) -> pd.DataFrame:
     Dedup runs when its outputs are missing or were made from other inputs or settings; folds
     are made again when folds.json records other settings (k, seed, dedup policy) or inputs.
     """
-    ensure_dedup = _dedup_ensurer()
-    if ensure_dedup is not None:
-        ensure_dedup(cfg)
+    ensure_dedup(cfg)
     if not folds_are_current(cfg):
         reason = "missing" if not paths.folds_csv(cfg).is_file() else "made with other settings or inputs"
         print(f"folds: {paths.folds_csv(cfg)} {reason}; making it now (python -m pipeline.folds)")
         make_folds(cfg, quiet=True)
     return _read_folds(paths.folds_csv(cfg))
-
-
-def _dedup_ensurer():
-    try:
-        from pipeline.dedup import ensure_dedup
-    except ImportError:  # dedup stage not installed in this checkout yet
-        return None
-    return ensure_dedup
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -94,13 +94,15 @@ def test_folds_cli_uses_dedup_groups_and_policy(make_cfg, capsys):
     assert list(written.columns) == ["image", "label", "group", "fold"] and len(written) == len(train) - 2
 
 
-def test_ensure_folds_remakes_when_settings_change(make_cfg, capsys, monkeypatch):
-    import pipeline.folds as folds_mod
-
-    monkeypatch.setattr(folds_mod, "_dedup_ensurer", lambda: None)
+def test_ensure_folds_runs_dedup_and_remakes_when_settings_change(make_cfg, capsys):
     cfg = make_cfg("folds.k=3")
     folds = ensure_folds(cfg)
-    assert "making it now" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "running dedup now" in out and "making it now" in out
+    assert paths.dedup_csv(cfg).is_file()
+    # The planted duplicates of the default share a group, so they share a fold.
+    assert (folds.groupby("group")["fold"].nunique() == 1).all()
+    assert folds["group"].nunique() < len(folds)
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
     assert folds_are_current(cfg)
     ensure_folds(cfg)

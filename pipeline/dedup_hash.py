@@ -1,0 +1,224 @@
+"""Image fingerprints for the dedup stage, and the vectorised search over them.
+
+Three fingerprints per image, all from the decoded pixels (so a PNG and a BMP of the same image
+agree):
+
+- ``pixel_hash``: SHA-1 of the RGB pixels and shape, for exact duplicates;
+- ``phash``: the perceptual hash imagededup and ImageHash use (grayscale, 32x32, 2-D DCT, the 8x8
+  lowest frequencies compared with their median), packed into a uint64, to find candidates;
+- ``thumb``: a small grayscale thumbnail, zero-mean and unit-norm, so that the dot product of two
+  thumbnails is their Pearson correlation: blind to brightness and contrast changes, and sharp
+  enough to tell two different handwritten digits of one class apart. Beside the whole image,
+  thumbnails of centre crops (a few percent cut from each side) let a cropped or zoomed copy be
+  compared aligned: the similarity of two images is the best correlation of one's whole
+  thumbnail with any thumbnail of the other.
+
+We write the search ourselves because imagededup compares pairs in a Python loop (or a BK-tree)
+and returns pairs, not groups; here one chunked numpy XOR + ``bitwise_count`` does all pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.fft import dctn
+from tqdm.auto import tqdm
+
+from pipeline.data.images import ImageReadError, read_image
+
+PHASH_SIZE = 32
+PHASH_LOW = 8
+_BIT_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+@dataclass
+class Fingerprints:
+    """Fingerprints of ``n`` images, row ``i`` for image ``i``; ``errors[i]`` is set when unreadable."""
+
+    pixel_hash: list[str]
+    phash: np.ndarray  # (n,) uint64
+    thumb: np.ndarray  # (n, 1 + crops, thumb_size**2) float32, zero mean, unit norm; [:, 0] whole image
+    level: np.ndarray  # (n, 2) float32: mean and standard deviation of the thumbnail in gray levels
+    shape: np.ndarray  # (n, 2) int: height, width
+    errors: list[str | None]
+
+
+def gray(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def phash(gray_img: np.ndarray) -> np.uint64:
+    """64-bit pHash: DCT of a 32x32 grayscale image, 8x8 low frequencies above their median.
+
+    The median leaves out the DC term, as imagededup does, so overall brightness does not move it.
+    """
+    small = cv2.resize(gray_img, (PHASH_SIZE, PHASH_SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = dctn(small, type=2, norm="ortho")[:PHASH_LOW, :PHASH_LOW].ravel()
+    bits = low > np.median(low[1:])
+    return np.uint64(np.sum(_BIT_WEIGHTS[bits], dtype=np.uint64))
+
+
+def thumbnail(gray_img: np.ndarray, size: int) -> tuple[np.ndarray, float, float]:
+    """Zero-mean, unit-norm ``size`` x ``size`` thumbnail (flat float32), its mean and std in gray levels.
+
+    A flat image (std near 0) gives zeros: its correlation with anything is 0.
+    """
+    t = cv2.resize(gray_img, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    mean, std = float(t.mean()), float(t.std())
+    t -= mean
+    norm = float(np.linalg.norm(t))
+    return (t / norm if norm > 1e-6 else t), mean, std
+
+
+def pixel_hash(rgb: np.ndarray) -> str:
+    h = hashlib.sha1(np.ascontiguousarray(rgb).tobytes())
+    h.update(repr(rgb.shape).encode())
+    return h.hexdigest()
+
+
+def centre_crop(img: np.ndarray, fraction: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    dy, dx = int(round(h * max(fraction, 0.0))), int(round(w * max(fraction, 0.0)))
+    return img[dy:h - dy, dx:w - dx] if h - 2 * dy >= 2 and w - 2 * dx >= 2 else img
+
+
+def _one(path: str, thumb_size: int, crops: Sequence[float]) -> tuple:
+    try:
+        rgb = read_image(path)
+    except ImageReadError as exc:
+        empty = np.zeros((1 + len(crops), thumb_size * thumb_size), np.float32)
+        return "", np.uint64(0), empty, (0.0, 0.0), (0, 0), str(exc).split(": ", 1)[-1]
+    g = gray(rgb)
+    t, mean, std = thumbnail(g, thumb_size)
+    variants = [t] + [thumbnail(centre_crop(g, f), thumb_size)[0] for f in crops]
+    return pixel_hash(rgb), phash(g), np.stack(variants), (mean, std), rgb.shape[:2], None
+
+
+def fingerprint_images(paths: Sequence[str], thumb_size: int, workers: int = 2, progress: bool = True,
+                       crops: Sequence[float] = ()) -> Fingerprints:
+    """Decode and fingerprint every image, ``workers`` threads at a time, with a progress bar.
+
+    Threads suffice: OpenCV decoding, resizing and the DCT release the GIL.
+    """
+    def run(pool_map) -> list:
+        return list(tqdm(pool_map(lambda p: _one(p, thumb_size, crops), paths), total=len(paths),
+                         desc="hashing images", unit="img", disable=not progress, mininterval=0.5))
+
+    if workers <= 1:
+        results = run(map)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            results = run(pool.map)
+    n = len(results)
+    return Fingerprints(
+        pixel_hash=[r[0] for r in results],
+        phash=np.array([r[1] for r in results], dtype=np.uint64).reshape(n),
+        thumb=np.stack([r[2] for r in results]) if n else np.zeros((0, 1 + len(crops), thumb_size**2), np.float32),
+        level=np.array([r[3] for r in results], dtype=np.float32).reshape(n, 2),
+        shape=np.array([r[4] for r in results], dtype=int).reshape(n, 2),
+        errors=[r[5] for r in results],
+    )
+
+
+def _chunks(n: int, rows: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int, chunk_cells: int = 1 << 24,
+                  workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``i < j`` whose 64-bit hashes differ in at most ``max_distance`` bits.
+
+    Chunked so that one chunk holds about ``chunk_cells`` XORed hashes (128 MiB at the default),
+    whatever the number of images; chunks run on ``workers`` threads (numpy releases the GIL).
+
+    Returns:
+        ``(pairs, distances)``: an (m, 2) int64 array of index pairs and their Hamming distances.
+    """
+    h = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(h)
+    if n < 2:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.uint8)
+    rows = max(1, min(n, chunk_cells // n))
+
+    def block(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        a, b = bounds
+        # Compare rows a..b with columns a..n only: the triangle j > i, no pair twice.
+        x = np.bitwise_xor(h[a:b, None], h[None, a:])
+        d = np.bitwise_count(x)
+        del x
+        d[np.tril_indices(b - a)] = 255  # j <= i within the chunk's own square
+        i, j = np.nonzero(d <= max_distance)
+        return np.stack([i + a, j + a], axis=1).astype(np.int64), d[i, j]
+
+    bounds = list(_chunks(n, rows))
+    if workers > 1 and len(bounds) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(block, bounds))
+    else:
+        parts = [block(bd) for bd in bounds]
+    pairs = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, 2), np.int64)
+    dist = np.concatenate([d for _, d in parts]) if parts else np.zeros(0, np.uint8)
+    return pairs, dist
+
+
+def pair_correlation(thumbs: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+    """Aligned similarity of each pair (vectorised, in chunks of pairs).
+
+    The best correlation of one image's whole thumbnail with any thumbnail (whole or crop) of the
+    other, both ways round.
+    """
+    out = np.empty(len(pairs), np.float32)
+    for a, b in _chunks(len(pairs), chunk):
+        p = pairs[a:b]
+        ti, tj = thumbs[p[:, 0]], thumbs[p[:, 1]]
+        one = np.einsum("cd,cvd->cv", ti[:, 0], tj).max(axis=1)
+        other = np.einsum("cd,cvd->cv", tj[:, 0], ti[:, 1:]).max(axis=1, initial=-1.0)
+        out[a:b] = np.maximum(one, other)
+    return out
+
+
+def similarity_matrix(thumbs_a: np.ndarray, thumbs_b: np.ndarray) -> np.ndarray:
+    """Aligned similarity of every image of ``thumbs_a`` with every image of ``thumbs_b``."""
+    g = thumbs_a[:, 0] @ thumbs_b[:, 0].T
+    for v in range(1, thumbs_a.shape[1]):
+        np.maximum(g, thumbs_a[:, 0] @ thumbs_b[:, v].T, out=g)
+        np.maximum(g, thumbs_a[:, v] @ thumbs_b[:, 0].T, out=g)
+    return g
+
+
+def nearest_neighbours(thumbs: np.ndarray, k: int, exclude_above: float, chunk_cells: int = 1 << 24,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's ``k`` most correlated other images, and its look-alike level.
+
+    Chunked matrix products of the unit-norm thumbnails give every similarity (BLAS does the
+    work, so this scales to tens of thousands of images).
+
+    Returns:
+        ``(idx, r, crowd)``: (n, k) neighbour indices and correlations, best first, and per image
+        the correlation of its ``k``-th nearest neighbour among those below ``exclude_above``
+        (near-exact copies do not count as look-alikes); -inf when there are fewer.
+    """
+    n = len(thumbs)
+    k_eff = min(k, max(n - 1, 0))
+    idx = np.zeros((n, k_eff), np.int64)
+    r = np.zeros((n, k_eff), np.float32)
+    crowd = np.full(n, -np.inf, np.float32)
+    if k_eff == 0:
+        return idx, r, crowd
+    rows = max(1, min(n, chunk_cells // n))
+    for a, b in tqdm(list(_chunks(n, rows)), desc="neighbours", disable=not progress, leave=False):
+        g = similarity_matrix(thumbs[a:b], thumbs)
+        g[np.arange(b - a), np.arange(a, b)] = -np.inf  # not its own neighbour
+        top = np.argpartition(-g, k_eff - 1, axis=1)[:, :k_eff]
+        top_r = np.take_along_axis(g, top, axis=1)
+        order = np.argsort(-top_r, axis=1)
+        idx[a:b] = np.take_along_axis(top, order, axis=1)
+        r[a:b] = np.take_along_axis(top_r, order, axis=1)
+        g[g >= exclude_above] = -np.inf
+        crowd[a:b] = -np.partition(-g, k_eff - 1, axis=1)[:, k_eff - 1]
+    return idx, r, crowd
