@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data import load_competition, read_image
-from pipeline.data.digits import CLASS_NAMES, IMAGE_SIZE, build_digits, is_built, private_dir
+from pipeline.data.digits import CLASS_NAMES, IMAGE_SIZE, build_digits, ensure_digits, is_built, private_dir
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 
@@ -108,3 +108,6 @@ def test_incomplete_build_is_detected_and_foreign_folders_are_kept(digits_copy, 
     with pytest.raises(PipelineError, match="refusing to replace it"):
         build_digits(user, force=True)
     assert (user / "labels.csv").read_text() == "id,breed\n"
+    # A folder with a train.csv of its own is read as it is, never built over.
+    (user / "train.csv").write_text("image,label\n")
+    assert ensure_digits(user) == user and sorted(p.name for p in user.iterdir()) == ["labels.csv", "train.csv"]

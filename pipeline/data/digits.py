@@ -79,10 +79,13 @@ def _is_ours(folder: Path, root: Path) -> bool:
 
 def ensure_digits(root: str | Path = "data/digits", seed: int = 0) -> Path:
     """Build the competition at ``root`` unless a complete build is there (first use)."""
-    if not is_built(root):
-        print(f"building the embedded default competition in {root} (first use)")
-        build_digits(root, seed=seed)
-    return Path(root)
+    root = Path(root)
+    if is_built(root):
+        return root
+    if (root / "train.csv").is_file() and not (private_dir(root) / "planted.json").is_file():
+        return root  # someone else's competition under a config that kept build: digits; read it as is
+    print(f"building the embedded default competition in {root} (first use)")
+    return build_digits(root, seed=seed)
 
 
 def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = False) -> Path:
