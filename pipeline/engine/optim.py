@@ -41,9 +41,10 @@ def create_optimizer(model: torch.nn.Module, train_cfg: TrainConfig, head_lr_mul
     kwargs = {"momentum": train_cfg.momentum} if train_cfg.optimizer == "sgd" else {}
     optimizer = create_optimizer_v2(groups, opt=TIMM_OPTIMIZER[train_cfg.optimizer], lr=train_cfg.lr,
                                     weight_decay=train_cfg.weight_decay, **kwargs)
-    for group in optimizer.param_groups:
-        # Without a scheduler nothing applies lr_scale, so apply it once here.
-        group["lr"] = train_cfg.lr * group.get("lr_scale", 1.0)
+    if train_cfg.scheduler == "none":
+        # timm's schedulers multiply lr_scale into every lr they set; without one, apply it once here.
+        for group in optimizer.param_groups:
+            group["lr"] = train_cfg.lr * group.get("lr_scale", 1.0)
     return optimizer
 
 
