@@ -1,0 +1,118 @@
+"""The detection track's config schema, built from the shared sections of ``pipeline.config``."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.config import PathsConfig, Section, WandbConfig
+
+DEFAULT_DETECT_CONFIG = "configs/banana_ssd.yaml"
+
+
+class DetectDataConfig(Section):
+    root: str = "data/shapes"
+    train: str = "train"
+    val: str = "val"
+    test: str | None = "test"
+    images: str = "images"
+    labels: str = "label.csv"
+    # Labels of the test split kept outside the competition folder (as Kaggle keeps its solution).
+    test_labels: str | None = "data/shapes_private/test/label.csv"
+    classes: list[str] | None = None
+    build: Literal["shapes"] | None = None
+    cache_images: bool = True
+
+
+class DetectModelConfig(Section):
+    arch: Literal["tiny_ssd", "timm_ssd"] = "tiny_ssd"
+    backbone: str = "resnet18"
+    pretrained: bool | str = False
+    img_size: int = Field(256, ge=32)
+    anchors: Literal["d2l", "torchvision"] = "d2l"
+    min_size: float = Field(0.2, gt=0.0, le=1.0)
+    max_size: float = Field(0.88, gt=0.0, le=1.5)
+    ratios: list[float] = [1.0, 2.0, 0.5]
+    extra_blocks: int = Field(3, ge=0, le=6)
+    extra_channels: int = Field(256, ge=8)
+    width: int = Field(1, ge=1, le=8)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(r <= 0 for r in v):
+            raise ValueError("must be a non-empty list of positive aspect ratios, e.g. [1, 2, 0.5]")
+        return v
+
+
+class DetectAugmentConfig(Section):
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    crop: float = Field(0.5, ge=0.0, le=1.0)
+    zoom_out: float = Field(0.3, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    mean: list[float] = [0.485, 0.456, 0.406]
+    std: list[float] = [0.229, 0.224, 0.225]
+
+
+class DetectTrainConfig(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    min_lr: float = Field(1e-5, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "none"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    iou_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    loss: Literal["hard_negative", "focal", "plain"] = "hard_negative"
+    neg_pos_ratio: float = Field(3.0, gt=0.0)
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    box_weight: float = Field(1.0, ge=0.0)
+    clip_grad: float | None = Field(10.0, gt=0.0)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    eval_every: int = Field(1, ge=1)
+    max_minutes: float | None = Field(None, gt=0.0)
+    augment: DetectAugmentConfig = DetectAugmentConfig()
+
+
+class DetectPostConfig(Section):
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    eval_score_threshold: float = Field(0.01, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.45, gt=0.0, le=1.0)
+    pre_nms_topk: int = Field(400, ge=1)
+    max_detections: int = Field(100, ge=1)
+    class_agnostic: bool = False
+
+
+class DetectPredictConfig(Section):
+    split: str = "test"
+    batch_size: int = Field(32, ge=1)
+    draw: bool = False
+    draw_max: int = Field(16, ge=1)
+
+
+class DetectConfig(Section):
+    experiment: str = "shapes_tinyssd"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    paths: PathsConfig = PathsConfig()
+    data: DetectDataConfig = DetectDataConfig()
+    model: DetectModelConfig = DetectModelConfig()
+    train: DetectTrainConfig = DetectTrainConfig()
+    post: DetectPostConfig = DetectPostConfig()
+    predict: DetectPredictConfig = DetectPredictConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
