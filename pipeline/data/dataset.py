@@ -18,6 +18,8 @@ class ImageDataset(Dataset):
         targets: class indices, or None for unlabelled images.
         transform: albumentations pipeline ending in ``ToTensorV2``, or None for raw HWC uint8.
         cache: keep decoded images in RAM (small competitions: decode once, not every epoch).
+            With DataLoader workers, call :meth:`preload` first: images cached inside a worker
+            live only as long as that worker.
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int] | None = None, transform=None,
