@@ -1,0 +1,208 @@
+"""The train stage end to end on a small copy of the digits competition."""
+from __future__ import annotations
+
+import glob
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import pipeline.train as train_mod
+from pipeline.engine.loop import EvalResult
+from pipeline.errors import PipelineError, cli_entry
+from pipeline.train import HISTORY_COLUMNS, main, train_fold
+
+FAST = ["model.backbone=test_resnet", "train.img_size=16", "train.batch_size=16", "train.epochs=2",
+        "folds.k=3", "train.warmup_epochs=0.5"]
+# Every technique at once, so that resume is checked against all the state they carry.
+TECHNIQUES = ["train.ema=true", "train.ema_decay=0.9", "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0",
+              "train.mixup_off_epoch=1", "train.label_smoothing=0.1", "train.accum_steps=2",
+              "train.clip_grad=5.0", "model.head_lr_mult=3.0", "model.drop_rate=0.1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two OpenMP threads on two cores shared with other jobs spin-wait badly (20x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory, digits_root):
+    """The digits competition cut to 150 training images (dedup and folds then take a second)."""
+    root = tmp_path_factory.mktemp("small") / "digits"
+    shutil.copytree(digits_root, root)
+    shutil.copytree(digits_root.parent / "digits_private", root.parent / "digits_private")
+    train = pd.read_csv(root / "train.csv")
+    train.head(150).to_csv(root / "train.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared_work(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")  # dedup and folds made once for the whole module
+
+
+@pytest.fixture
+def cfg_for(make_cfg, small_root, shared_work, tmp_path):
+    def make(*overrides: str, runs: str = "runs"):
+        return make_cfg(*FAST, f"paths.work={shared_work}", f"paths.runs={tmp_path / runs}", *overrides,
+                        root=small_root)
+
+    return make
+
+
+def wandb_records(path: str):
+    """Records of an offline ``.wandb`` file (wandb has no public reader for it offline)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf, block = open(path, "rb").read(), 7, b"", 32768  # 7: file header ":W&B" magic version
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            buf = chunk
+        elif kind in (2, 3):
+            buf = (b"" if kind == 2 else buf) + chunk
+            continue
+        elif kind == 4:
+            buf += chunk
+        else:
+            continue
+        record = pb.Record()
+        record.ParseFromString(buf)
+        yield record
+
+
+def test_fold_outputs_wandb_and_resume_equals_uninterrupted(cfg_for, monkeypatch, tmp_path):
+    cfg = cfg_for(*TECHNIQUES, "wandb.mode=offline", runs="straight")
+    metrics = train_fold(cfg, fold=1)
+
+    run = tmp_path / "straight" / cfg.experiment
+    fold = run / "fold1"
+    folds = pd.read_csv(Path(cfg.paths.work) / "digits" / "folds.csv")
+    expected = folds[folds["fold"] == 1]
+    for name in ["best.pt", "last.pt", "history.csv", "oof.csv", "metrics.json"]:
+        assert (fold / name).is_file(), name
+    assert (run / "config.yaml").is_file()
+    classes = pd.read_json(run / "classes.json")["classes"].tolist()
+    assert classes == sorted(classes) and len(classes) == 10
+
+    oof = pd.read_csv(fold / "oof.csv")
+    assert list(oof.columns) == ["image", "label", *classes]
+    assert sorted(oof["image"]) == sorted(expected["image"]) and oof["image"].is_unique
+    np.testing.assert_allclose(oof[classes].sum(axis=1), 1.0, atol=1e-4)
+
+    history = pd.read_csv(fold / "history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS and len(history) == 2
+    assert history["ema_val_acc"].notna().all() and (history["images_per_s"] > 0).all()
+    assert metrics["used_ema"] is True and metrics["complete"] is True and metrics["n_val"] == len(expected)
+    assert set(metrics) >= {"experiment", "fold", "backbone", "img_size", "epochs_run", "best_epoch", "val_acc",
+                            "val_loss", "used_ema", "n_train", "n_val", "train_time_s", "images_per_s", "complete"}
+
+    best = torch.load(fold / "best.pt", weights_only=True)
+    last = torch.load(fold / "last.pt", weights_only=True)
+    assert set(best) >= {"model", "ema", "config", "classes", "epoch", "best_metric"}
+    assert set(last) >= {"optimizer", "scheduler", "scaler", "rng", "history"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in best["model"])
+    assert any(not torch.equal(best["model"][k], best["ema"][k]) for k in best["model"]
+               if best["model"][k].is_floating_point())
+    assert last["epoch"] == 1 and best["classes"] == classes
+
+    # W&B: the offline run folder under runs/<experiment>/wandb/ holds the config and the summary.
+    files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    records = list(wandb_records(files[0]))
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert runs[0].display_name == f"{cfg.experiment}-fold1" and runs[0].run_group == cfg.experiment
+    assert runs[0].job_type == "train"
+    config_keys = {item.key for item in runs[0].config.update}
+    assert {"model", "train", "fold"} <= config_keys
+    summary = {i.key: i.value_json for r in records if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update}
+    assert summary["complete"] == "true" and float(summary["val_acc"]) == pytest.approx(metrics["val_acc"])
+
+    # The same run killed after its first epoch and resumed reaches the very same result.
+    cfg2 = cfg_for(*TECHNIQUES, runs="resumed")
+    real_epoch = train_mod.train_one_epoch
+
+    def killed_at_epoch_1(*args, **kwargs):
+        if kwargs["epoch"] == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", killed_at_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cfg2, fold=1)
+    fold2 = tmp_path / "resumed" / cfg.experiment / "fold1"
+    assert torch.load(fold2 / "last.pt", weights_only=True)["epoch"] == 0 and not (fold2 / "oof.csv").exists()
+    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    train_fold(cfg2, fold=1, resume=True)
+    resumed = pd.read_csv(fold2 / "oof.csv")
+    pd.testing.assert_frame_equal(resumed, oof)
+    h2 = pd.read_csv(fold2 / "history.csv")
+    cols = ["train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr"]
+    pd.testing.assert_frame_equal(h2[cols], history[cols])
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_last_good_epoch(cfg_for, monkeypatch, capsys, tmp_path):
+    real_epoch = train_mod.train_one_epoch
+
+    def nan_in_epoch_1(model, loader, optimizer, loss_fn, **kwargs):
+        if kwargs["epoch"] == 1:
+            def nan_loss(logits, target):
+                return loss_fn(logits, target) * float("nan")
+            return real_epoch(model, loader, optimizer, nan_loss, **kwargs)
+        return real_epoch(model, loader, optimizer, loss_fn, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", nan_in_epoch_1)
+    cfg = cfg_for()
+    argv = ["--fold", "0", "--config", "configs/default.yaml"]
+    for item in [f"paths.work={cfg.paths.work}", f"paths.runs={cfg.paths.runs}", f"competition.root={cfg.competition.root}",
+                 "wandb.mode=disabled", "train.num_workers=0", *FAST]:
+        argv += ["--set", item]
+    assert cli_entry(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the progress bars print before it
+    assert err.startswith("error: fold 0: the training loss became nan at epoch 2, step 1")
+    assert "learning rate" in err and "last.pt keeps the last good epoch" in err
+    fold = tmp_path / "runs" / cfg.experiment / "fold0"
+    assert torch.load(fold / "last.pt", weights_only=True)["epoch"] == 0
+    assert not (fold / "metrics.json").exists()
+    with pytest.raises(PipelineError, match="other settings .*train.lr"):
+        train_fold(cfg_for("train.lr=0.5"), fold=0, resume=True)
+
+
+def test_early_stopping_stops_when_the_metric_stalls(cfg_for, monkeypatch):
+    real_validate = train_mod.validate
+
+    def stalled(*args, **kwargs):
+        res = real_validate(*args, **kwargs)
+        flat = np.full_like(res.probs, 1.0 / res.probs.shape[1])
+        return EvalResult(flat, np.full_like(res.losses, 2.3), res.targets)
+
+    monkeypatch.setattr(train_mod, "validate", stalled)
+    metrics = train_fold(cfg_for("train.epochs=5", "train.early_stopping_patience=1"), fold=2)
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
+
+
+def test_user_errors_are_one_clear_message(cfg_for, capsys):
+    cfg = cfg_for()
+    argv = []
+    for item in [f"paths.work={cfg.paths.work}", f"paths.runs={cfg.paths.runs}",
+                 f"competition.root={cfg.competition.root}", "wandb.mode=disabled", *FAST]:
+        argv += ["--set", item]
+    assert cli_entry(main, ["--fold", "7", *argv]) == 2
+    assert "--fold 7" in capsys.readouterr().err
+    assert cli_entry(main, ["--fold", "0", "--resume", *argv]) == 2
+    assert "does not exist; train fold 0 without --resume first" in capsys.readouterr().err
+    assert cli_entry(main, ["--fold", "0", *argv, "--set", "model.backbone=resnet_18"]) == 2
+    assert "Close timm names" in capsys.readouterr().err
