@@ -1,0 +1,79 @@
+"""Detect objects in a split: ``python -m pipeline.detect.predict [--split test] [--draw]``.
+
+Writes ``runs/<experiment>/predictions.csv`` (``image,label,score,xmin,ymin,xmax,ymax`` in pixels
+of the original images, detections scoring at least ``post.score_threshold``), the same table
+as a never-overwritten submission ``submissions/<experiment>_<timestamp>.csv`` + ``.json``, and
+with ``--draw`` the images with their boxes in ``runs/<experiment>/predictions/``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.config import add_config_args, config_from_args
+from pipeline.data.images import read_image
+from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
+from pipeline.detect.data import ensure_dataset, load_split
+from pipeline.detect.draw import draw_detections
+from pipeline.detect.evaluate import PRED_COLUMNS
+from pipeline.detect.inference import load_trained, predict_split, run_dir
+from pipeline.engine.distributed import resolve_device
+from pipeline.errors import PipelineError, cli_entry
+from pipeline.io import atomic_write_csv, atomic_write_image, atomic_write_json
+
+
+def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = None, which: str = "best") -> Path:
+    """Run the trained detector on ``split`` (default ``predict.split``); returns the submission path."""
+    ensure_dataset(cfg)
+    split = split or cfg.predict.split
+    if not split:
+        raise PipelineError("no split to predict: pass --split NAME or set predict.split")
+    device = resolve_device(cfg.device)
+    model, classes, trained = load_trained(cfg, which, device)
+    cfg = cfg.model_copy(update={"model": trained.model, "train": trained.train})
+    data = load_split(cfg, split, classes)
+    dets = predict_split(model, data, cfg, device, cfg.post.score_threshold)
+    rows = []
+    for i, name in enumerate(data.images):
+        d = dets[i]
+        for b, lab, s in zip(d.boxes, d.labels, d.scores):
+            rows.append((name, classes[int(lab)], round(float(s), 5), *(round(float(v), 2) for v in b)))
+    table = pd.DataFrame(rows, columns=PRED_COLUMNS)
+    out_dir = run_dir(cfg)
+    atomic_write_csv(out_dir / "predictions.csv", table)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    sub = Path(cfg.paths.submissions) / f"{cfg.experiment}_{stamp}.csv"
+    atomic_write_csv(sub, table, overwrite=False)
+    atomic_write_json(sub.with_suffix(".json"), {
+        "experiment": cfg.experiment, "checkpoint": str(out_dir / f"{which}.pt"), "split": split,
+        "n_images": len(data.images), "n_detections": len(table), "classes": classes,
+        "score_threshold": cfg.post.score_threshold, "nms_iou": cfg.post.nms_iou,
+        "class_agnostic_nms": cfg.post.class_agnostic, "img_size": cfg.model.img_size,
+    }, overwrite=False)
+    if cfg.predict.draw if draw is None else draw:
+        for i in tqdm(range(min(cfg.predict.draw_max, len(data.images))), desc="draw", leave=False):
+            pic = draw_detections(read_image(data.paths[i]), dets[i], classes)
+            atomic_write_image(out_dir / "predictions" / (Path(data.images[i]).stem + ".jpg"), pic)
+    print(f"{len(table)} detections on {len(data.images)} images of {split!r} -> {out_dir / 'predictions.csv'}, {sub}")
+    return sub
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.detect.predict", description=__doc__.split("\n\n")[0])
+    add_config_args(parser, DEFAULT_DETECT_CONFIG)
+    parser.add_argument("--split", default=None, help="split folder under data.root (default: predict.split)")
+    parser.add_argument("--draw", action="store_true", default=None, help="also write images with boxes drawn")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, DetectConfig)
+    torch.set_grad_enabled(False)
+    return predict(cfg, args.split, args.draw, args.checkpoint)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_entry(main))
