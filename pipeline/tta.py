@@ -173,15 +173,6 @@ def merge_log_probs(log_probs: Tensor, method: str = "mean") -> Tensor:
     raise PipelineError(f"predict.tta_merge: {method!r} is not mean or geometric")
 
 
-def autocast_context(device: torch.device, amp: str = "auto"):
-    """bf16 (or fp16 where bf16 is missing) autocast on CUDA; a no-op on the CPU or with amp off."""
-    if device.type != "cuda" or amp == "off":
-        return torch.autocast(device_type=device.type, enabled=False)
-    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-
-
 @torch.inference_mode()
 def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[View], *,
                   device: torch.device, amp: str = "auto", channels_last: bool = False,
@@ -195,6 +186,9 @@ def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[Vie
     """
     from tqdm.auto import tqdm
 
+    from pipeline.engine.amp import resolve_amp
+
+    autocast = resolve_amp(amp, device).autocast  # the same precision rules as training
     model.eval()
     out: list[Tensor] = []
     it = tqdm(batches, desc=desc, leave=False, disable=not progress)
@@ -206,7 +200,7 @@ def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[Vie
             xv = view(x)
             if channels_last:
                 xv = xv.contiguous(memory_format=torch.channels_last)
-            with autocast_context(device, amp):
+            with autocast():
                 logits = model(xv)
             per_view.append(torch.log_softmax(logits.float(), dim=-1))
         out.append(torch.stack(per_view).cpu())
