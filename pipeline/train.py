@@ -153,7 +153,11 @@ def build_model(cfg: Config, num_classes: int, info: DistInfo):
     seed_everything(cfg.seed)
     bare = create_classifier(cfg.model, num_classes)
     if t.sync_bn and info.enabled:
-        bare = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bare)
+        if info.device.type == "cuda":
+            bare = torch.nn.SyncBatchNorm.convert_sync_batchnorm(bare)
+        elif info.is_main:
+            print("train: train.sync_bn is for GPUs (PyTorch's SyncBatchNorm has no CPU version); "
+                  "using per-process BatchNorm on the CPU")
     bare = bare.to(info.device)
     if t.channels_last:
         bare = bare.to(memory_format=torch.channels_last)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from pipeline.engine.loop import EvalResult
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.train import HISTORY_COLUMNS, main, train_fold
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["model.backbone=test_resnet", "train.img_size=16", "train.batch_size=16", "train.epochs=2",
         "folds.k=3", "train.warmup_epochs=0.5"]
 # Every technique at once, so that resume is checked against all the state they carry.
@@ -206,3 +210,30 @@ def test_user_errors_are_one_clear_message(cfg_for, capsys):
     assert "does not exist; train fold 0 without --resume first" in capsys.readouterr().err
     assert cli_entry(main, ["--fold", "0", *argv, "--set", "model.backbone=resnet_18"]) == 2
     assert "Close timm names" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_gloo_every_oof_row_once(cfg_for, tmp_path):
+    """torchrun with 2 CPU processes (gloo): rank 0 alone writes; validation is gathered unpadded."""
+    cfg = cfg_for("train.batch_size=8", "train.ema=true")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "pipeline.train", "--fold", "2"]
+    for item in [f"paths.work={cfg.paths.work}", f"paths.runs={cfg.paths.runs}", f"competition.root={cfg.competition.root}",
+                 "wandb.mode=disabled", "device=cpu", "train.sync_bn=true", "train.batch_size=8", "train.ema=true", *FAST]:
+        argv += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.count("train: fold 2 done") == 1  # only rank 0 reports
+    assert "sync_bn is for GPUs" in proc.stdout
+
+    fold = Path(cfg.paths.runs) / cfg.experiment / "fold2"
+    folds = pd.read_csv(Path(cfg.paths.work) / "digits" / "folds.csv")
+    expected = folds.loc[folds["fold"] == 2, "image"]
+    oof = pd.read_csv(fold / "oof.csv")
+    assert len(expected) % 2 == 1  # an odd count: a padding sampler would have repeated one image
+    assert sorted(oof["image"]) == sorted(expected) and oof["image"].is_unique
+    for name in ["best.pt", "last.pt"]:
+        state = torch.load(fold / name, weights_only=True)
+        assert not any(k.startswith("module.") for k in state["model"]) and state["ema"] is not None
+    last = torch.load(fold / "last.pt", weights_only=True)
+    assert last["world_size"] == 2 and len(last["rng_ranks"]) == 2
