@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import shutil
 import sys
 import time
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:36s} {p:9.3f} {r:7.3f} {s:8.2f}")
     print("(imagededup's first row includes encoding all images; the others reuse the encodings)")
     if args.hashes:
-        took, found = search_time(args.hashes, cfg.phash_max_distance, workers=max(1, os.cpu_count() or 1))
+        took, found = search_time(args.hashes, cfg.phash_max_distance, workers=1)
         print(f"\ncandidate search, {args.hashes:,} random 64-bit hashes, distance <= {cfg.phash_max_distance}: "
               f"{took:.1f}s ({found} pairs)")
 

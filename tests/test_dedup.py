@@ -163,7 +163,7 @@ def test_hamming_search_matches_brute_force():
     flips = np.uint64(1) << rng.integers(0, 64, size=(300, 3)).astype(np.uint64)
     near = base ^ flips[:, 0] ^ flips[:, 1] ^ flips[:, 2]  # within 3 bits of its base
     h = np.concatenate([base, near])
-    pairs, dist = hamming_pairs(h, 6, chunk_cells=5000, workers=2)  # many small chunks
+    pairs, dist = hamming_pairs(h, 6, rows=37, cols=64, workers=2)  # many small, odd blocks
     d = np.bitwise_count(h[:, None] ^ h[None, :])
     i, j = np.nonzero(np.triu(d <= 6, 1))
     assert {tuple(p) for p in pairs.tolist()} == set(zip(i.tolist(), j.tolist()))
