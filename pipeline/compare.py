@@ -400,10 +400,8 @@ def display_table(table: pd.DataFrame, runs: list[RunRecord]) -> pd.DataFrame:
 def _cell(v: Any) -> str:
     if isinstance(v, (list, dict)):
         return yaml.safe_dump(v, default_flow_style=True).strip()
-    if isinstance(v, float) and math.isnan(v):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return ""
-    if v is None:
-        return "null"
     return str(v)
 
 
@@ -464,22 +462,51 @@ def runs_json(table: pd.DataFrame, runs: list[RunRecord]) -> list[dict[str, Any]
     return out
 
 
-def wandb_table(runs: list[RunRecord], metrics: tuple[str, ...] = ("val_acc", "best_val_acc", "val_loss",
-                                                                   "cv_acc", "cv_score")) -> pd.DataFrame:
-    """Every W&B run folder of ``runs``: name, group, job_type, state and the main summary metrics."""
+WANDB_METRICS = ("val_acc", "val_loss", "ema_val_acc", "cv_acc", "cv_logloss", "solution_score")
+
+
+def wandb_table(runs_root: str | Path, runs: list[RunRecord] | None = None) -> pd.DataFrame:
+    """The W&B run folders under ``runs_root/*/wandb/``: name, group, job type, state, main metrics.
+
+    Args:
+        runs_root: ``paths.runs``.
+        runs: limit to these experiments' folds and the ensembles (``job_type`` ensemble, e.g. under
+            ``runs/_ensemble/``) that blended one of them; None lists every folder.
+    """
+    root = Path(runs_root)
+    names = None if runs is None else {r.experiment for r in runs}
     rows = []
-    for r in runs:
-        for w in r.wandb:
-            row = {"experiment": r.experiment, "name": w.name, "group": w.group, "job_type": w.job_type,
-                   "fold": w.config.get("fold"),
-                   "state": ("finished" if w.finished else "running/killed") + ("" if not w.offline else
-                                                                               ", synced" if w.synced else ", offline"),
-                   "folder": str(w.path)}
-            for m in metrics:
-                if m in w.summary and isinstance(w.summary[m], (int, float)):
-                    row[m] = w.summary[m]
+    for folder in sorted(p for p in root.iterdir() if (p / "wandb").is_dir()) if root.is_dir() else []:
+        for w in find_wandb_runs(folder):
+            blended = w.config.get("experiments") if isinstance(w.config.get("experiments"), list) else []
+            if names is not None and folder.name not in names and not names.intersection(blended):
+                continue
+            row: dict[str, Any] = {"folder": folder.name, "name": w.name, "group": w.group, "job_type": w.job_type,
+                                   "fold": w.config.get("fold"),
+                                   "state": ("finished" if w.finished else "running/killed")
+                                   + (", synced" if w.synced else ", offline" if w.offline else "")}
+            for m in WANDB_METRICS:
+                v = w.summary.get(m)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+                    row[m] = v
+            weights = {k.split("/", 1)[1]: v for k, v in w.summary.items() if k.startswith("weight/")}
+            if isinstance(w.summary.get("weight"), dict):  # "weight/x" may come back nested
+                weights.update(w.summary["weight"])
+            if weights:
+                row["weights"] = " ".join(f"{k}={v:.3f}" for k, v in weights.items())
+            row["path"] = str(w.path.relative_to(root))
             rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["folder", "name", "group", "job_type", "fold", "state"]
+    columns += [m for m in WANDB_METRICS if any(m in r for r in rows)]
+    columns += ["weights"] * any("weights" in r for r in rows) + ["path"]
+    # object dtype keeps fold an int (or empty for ensembles) instead of a float column
+    return pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object) for c in columns})
+
+
+def _round_floats(df: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
+    # column by column with object dtype: DataFrame.map would turn an int column with gaps into floats
+    return pd.DataFrame({c: pd.Series([round(v, digits) if isinstance(v, float) else v for v in df[c]], dtype=object)
+                         for c in df.columns})
 
 
 def _notes(runs: list[RunRecord]) -> list[str]:
@@ -535,9 +562,12 @@ def compare(cfg: Config, experiments: list[str] | None = None, *, sort: str = "c
         else:
             text = render(d, fmt, index=True)
     elif show_wandb:
-        w = wandb_table(runs)
-        text = json.dumps(w.to_dict(orient="records"), indent=2, default=str) if fmt == "json" else (
-            render(w, fmt) if not w.empty else "no W&B run folders under the chosen runs")
+        w = wandb_table(cfg.paths.runs, runs if experiments or where else None)
+        if fmt == "json":
+            text = json.dumps([{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
+                               for r in w.to_dict(orient="records")], indent=2, default=str)
+        else:
+            text = render(_round_floats(w), fmt) if not w.empty else "no W&B run folders under the chosen runs"
     elif fmt == "json":
         text = json.dumps(runs_json(table, runs), indent=2, default=str)
     elif fmt == "csv":

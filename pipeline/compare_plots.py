@@ -93,9 +93,11 @@ def plot_cv_bars(ax, runs: list[RunRecord], table: pd.DataFrame) -> None:
         # zoom on the scores (bars then start below the lowest fold) so fold differences stay visible
         lo = min(scores_all + list(means[~np.isnan(means)] - stds[~np.isnan(means)]))
         hi = max(scores_all + list(means[~np.isnan(means)] + stds[~np.isnan(means)]))
-        pad = max(0.01, 0.15 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + 2.5 * pad) + 0.005)
-    ax.set_ylabel("validation accuracy")
+        span = hi - lo
+        bottom = max(0.0, lo - max(0.02, 0.6 * span))  # the lowest bar keeps a visible height
+        ax.set_ylim(bottom, min(1.0, hi + max(0.01, 0.3 * span)) + 0.005)
+    zoomed = ax.get_ylim()[0] > 0
+    ax.set_ylabel("validation accuracy" + (" (axis zoomed, not from 0)" if zoomed else ""))
     ax.set_title("CV accuracy per experiment (bars: mean ± std over complete folds; dots: folds; "
                  "hatched: incomplete)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
