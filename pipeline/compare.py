@@ -149,14 +149,17 @@ def load_fold(path: Path, fold: int) -> FoldRecord:
 
 
 def is_run_folder(path: Path) -> bool:
-    """A classification run: has ``config.yaml`` or ``fold<K>/`` folders (detection runs have neither folds
-    nor a fold layout: they keep ``metrics.json`` at the top and are compared elsewhere)."""
+    """A classification run: ``fold<K>/`` folders, or a ``config.yaml`` before the first fold starts.
+
+    Detection runs (``pipeline.detect``) keep history.csv, metrics.json and checkpoints at the top
+    of their folder instead of per fold; they are not comparable here and are left out.
+    """
     if not path.is_dir():
         return False
-    has_folds = any(_FOLD_DIR.match(p.name) and p.is_dir() for p in path.iterdir())
-    if has_folds:
+    if any(_FOLD_DIR.match(p.name) and p.is_dir() for p in path.iterdir()):
         return True
-    return (path / "config.yaml").is_file() and not (path / "metrics.json").is_file()
+    return (path / "config.yaml").is_file() and not any(
+        (path / name).exists() for name in ("metrics.json", "history.csv", "last.pt", "best.pt"))
 
 
 def load_run(path: str | Path) -> RunRecord:
@@ -238,9 +241,16 @@ def _parse_where(item: str) -> tuple[str, bool, Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b  # False == 0 in Python, but "ema off" is not "0 epochs of warmup"
     if a == b:
         return True
-    return str(a) == str(b)  # "--where train.lr=1e-3" against 0.001 read from YAML, etc.
+    if a is not None and b is not None:
+        try:  # YAML reads "2e-3" as a string (it wants "2.0e-3"); users write it anyway
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            pass
+    return str(a) == str(b)
 
 
 def filter_runs(runs: list[RunRecord], where: list[str]) -> list[RunRecord]:
@@ -276,7 +286,8 @@ def summarize(runs: list[RunRecord]) -> pd.DataFrame:
     for r in runs:
         done = r.complete_folds
         scores = [f.score for f in done]
-        gains = [g for g in (f.tta_gain for f in r.folds) if not math.isnan(g)]
+        gains = [g for g in (f.tta_gain for f in done) if not math.isnan(g)]
+        losses = [v for v in (_float(f.metrics.get("val_loss")) for f in done) if not math.isnan(v)]
         speeds = [_float(f.metrics.get("images_per_s")) for f in done]
         row: dict[str, Any] = {
             "experiment": r.experiment,
@@ -287,6 +298,7 @@ def summarize(runs: list[RunRecord]) -> pd.DataFrame:
             "cv_mean": float(np.mean(scores)) if scores else math.nan,
             # sample std over folds (ddof=1): the spread a new fold would show; NaN with one fold
             "cv_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else math.nan,
+            "cv_loss": float(np.mean(losses)) if losses else math.nan,
         }
         for i in range(k_max):
             row[f"fold{i}"] = r.folds[i].score if i < len(r.folds) else math.nan
@@ -384,7 +396,8 @@ def display_table(table: pd.DataFrame, runs: list[RunRecord]) -> pd.DataFrame:
         d = {"experiment": row["experiment"], "backbone": row["backbone"] or "?",
              "img": "" if row["img_size"] is None else row["img_size"],
              "epochs": "" if row["epochs"] is None else row["epochs"],
-             "augment": row["augment"], "cv_acc": cv}
+             "augment": row["augment"], "cv_acc": cv,
+             "cv_loss": "-" if math.isnan(row["cv_loss"]) else f"{row['cv_loss']:.4f}"}
         for c in fold_cols:
             d[c.replace("fold", "f")] = _fold_cell(run, int(c[4:]))
         d["tta_gain"] = "-" if math.isnan(row["tta_gain"]) else f"{row['tta_gain']:+.4f}"

@@ -19,7 +19,7 @@ import pytest
 from pipeline.compare import compare, config_diff, load_runs, main, summarize
 from pipeline.compare_wandb import find_wandb_runs
 from pipeline.config import save_config
-from pipeline.errors import cli_entry
+from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json
 
 CLASSES = ["eight", "five", "four", "nine", "one", "seven", "six", "three", "two", "zero"]
@@ -107,6 +107,7 @@ def test_table_numbers_match_the_run_files(two_runs, capsys):
         assert [f["val_acc"] for f in row["folds"]] == pytest.approx(accs)
         assert row["cv_mean"] == pytest.approx(np.mean(accs))
         assert row["cv_std"] == pytest.approx(np.std(accs, ddof=1))
+        assert row["cv_loss"] == pytest.approx(np.mean([m["val_loss"] for m in metrics]))
         assert row["tta_gain"] == pytest.approx(np.mean([p["oof_acc_tta"] - p["oof_acc"] for p in preds]))
         assert row["train_time_s"] == pytest.approx(sum(m["train_time_s"] for m in metrics))
         assert row["images_per_s"] == pytest.approx(np.mean([m["images_per_s"] for m in metrics]))
@@ -118,7 +119,7 @@ def test_table_numbers_match_the_run_files(two_runs, capsys):
 
     text = main(["--set", f"paths.runs={a.paths.runs}"])
     header = text.splitlines()[0].split()
-    for col in ("experiment", "backbone", "img", "epochs", "augment", "cv_acc", "f0", "f1", "f2",
+    for col in ("experiment", "backbone", "img", "epochs", "augment", "cv_acc", "cv_loss", "f0", "f1", "f2",
                 "tta_gain", "time", "img/s", "folds", "wandb"):
         assert col in header
     assert f"{by['exp_b']['cv_mean']:.4f}±{by['exp_b']['cv_std']:.4f}" in text
@@ -146,6 +147,10 @@ def test_where_sort_and_formats(two_runs):
     assert [r["experiment"] for r in rows] == ["exp_a", "exp_b"]
     rows = json.loads(main(["--sort", "experiment", "--format", "json", *base]))
     assert [r["experiment"] for r in rows] == ["exp_b", "exp_a"]
+    rows = json.loads(main(["--where", "train.lr=1e-2", "--format", "json", *base]))
+    assert [r["experiment"] for r in rows] == ["exp_b"]  # YAML reads "1e-2" as a string; it still equals 0.01
+    with pytest.raises(PipelineError, match="no run matches"):
+        main(["--where", "train.ema=0", *base])  # False == 0 in Python, not here
     csv = pd.read_csv(StringIO(main(["--format", "csv", *base])))
     assert {"cv_mean", "cv_std", "fold0", "fold2", "tta_gain", "folds_complete"} <= set(csv.columns)
     assert len(csv) == 2
