@@ -532,6 +532,15 @@ def _notes(runs: list[RunRecord]) -> list[str]:
 
 # ---------------------------------------------------------------- the stage
 
+def _check_plot_path(path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    kinds = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in kinds:
+        raise PipelineError(f"--plot {path}: unknown image type {path.suffix!r}; use one of "
+                            f"{', '.join('.' + k for k in sorted(kinds))} (e.g. --plot compare.png)")
+
+
 def compare(cfg: Config, experiments: list[str] | None = None, *, sort: str = "cv_mean", ascending: bool = False,
             where: list[str] | None = None, diff: bool = False, fmt: str = "table", plot: str | Path | None = None,
             show_wandb: bool = False, notes_to=None) -> str:
@@ -552,6 +561,8 @@ def compare(cfg: Config, experiments: list[str] | None = None, *, sort: str = "c
     """
     if fmt not in FORMATS:
         raise PipelineError(f"--format {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+    if plot:
+        _check_plot_path(Path(plot))
     runs = filter_runs(load_runs(cfg.paths.runs, experiments), where or [])
     if not runs:
         raise PipelineError(f"no run matches --where {' '.join(where or [])}")

@@ -6,6 +6,7 @@ headless machine and the notebook shows the same figure inline.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,11 +85,11 @@ def plot_cv_bars(ax, runs: list[RunRecord], table: pd.DataFrame) -> None:
         ax.scatter(i + jitter, scores, color="black", s=14, zorder=3, label="fold score" if i == 0 else None)
     labels = []
     for _, row in table.iterrows():
-        cv = "no complete fold" if math.isnan(row["cv_mean"]) else f"CV {row['cv_mean']:.4f}"
-        if not math.isnan(row["cv_std"]):
-            cv += f" ± {row['cv_std']:.4f}"
-        labels.append(f"{row['experiment']}\n{cv}\n{row['folds_complete']}/{row['folds_total']} folds")
-    ax.set_xticks(x, labels, fontsize=8)
+        # one short item per line so that a dozen experiments still fit side by side
+        cv = "no fold done" if math.isnan(row["cv_mean"]) else f"{row['cv_mean']:.4f}"
+        std = "" if math.isnan(row["cv_std"]) else f"\n±{row['cv_std']:.4f}"
+        labels.append(f"{row['experiment']}\n{cv}{std}\n{row['folds_complete']}/{row['folds_total']} folds")
+    ax.set_xticks(x, labels, fontsize=8 if len(labels) <= 6 else 7)
     if scores_all:
         # zoom on the scores (bars then start below the lowest fold) so fold differences stay visible
         lo = min(scores_all + list(means[~np.isnan(means)] - stds[~np.isnan(means)]))
@@ -115,7 +116,8 @@ def plot_runs(runs: list[RunRecord], table: pd.DataFrame | None = None, path: st
         path: image file to write (format from the suffix).
     """
     if len(runs) > MAX_EXPERIMENTS:
-        print(f"plotting the first {MAX_EXPERIMENTS} of {len(runs)} experiments; choose others by name or --where")
+        print(f"plotting the first {MAX_EXPERIMENTS} of {len(runs)} experiments; choose others by name or --where",
+              file=sys.stderr)
         runs = runs[:MAX_EXPERIMENTS]
     table = summarize(runs) if table is None else table[table["experiment"].isin([r.experiment for r in runs])]
     table = table.reset_index(drop=True)
