@@ -169,6 +169,10 @@ def test_user_errors_are_one_clear_message(two_runs, tmp_path, capsys):
     assert "Runs there: exp_a, exp_b" in capsys.readouterr().err
     assert cli_entry(main, ["--set", f"paths.runs={tmp_path / 'nothing'}"]) == 2
     assert "no runs found" in capsys.readouterr().err
+    assert cli_entry(main, ["--plot", str(tmp_path / "curves.pgn"), *base]) == 2
+    assert "unknown image type '.pgn'" in capsys.readouterr().err
+    assert cli_entry(main, ["--diff", "exp_a", *base]) == 2
+    assert "--diff needs at least two runs" in capsys.readouterr().err
 
 
 def test_incomplete_and_half_written_folds_are_shown_not_raised(make_cfg, capsys):
@@ -280,3 +284,23 @@ def _oof_acc_any(oof: Path, classes_json: Path) -> float:
     classes = json.loads(classes_json.read_text())["classes"]
     df = pd.read_csv(oof)
     return float((df[classes].to_numpy().argmax(1) == df["label"].map(classes.index).to_numpy()).mean())
+
+
+def test_wandb_files_folder_and_synced_marker(tmp_path):
+    """Older wandb versions and online runs keep files/config.yaml and files/wandb-summary.json."""
+    import yaml
+
+    online = tmp_path / "exp" / "wandb" / "run-20260101_000000-abc123" / "files"
+    online.mkdir(parents=True)
+    (online / "config.yaml").write_text(yaml.safe_dump({"_wandb": {"value": {"cli_version": "0.17"}},
+                                                        "fold": {"desc": None, "value": 3},
+                                                        "model": {"value": {"backbone": "convnext_tiny"}}}))
+    (online / "wandb-summary.json").write_text(json.dumps({"val_acc": 0.91, "_runtime": 12}))
+    offline = tmp_path / "exp" / "wandb" / "offline-run-20260101_000100-def456"
+    offline.mkdir()
+    (offline / "run-def456.wandb").write_bytes(b":W&B\xe1\xbe\x00")  # header only: nothing flushed yet
+    (offline / "run-def456.wandb.synced").touch()
+    first, second = find_wandb_runs(tmp_path / "exp")
+    assert first.config == {"fold": 3, "model": {"backbone": "convnext_tiny"}} and first.summary["val_acc"] == 0.91
+    assert not first.offline and first.run_id == "abc123"
+    assert second.offline and second.synced and second.run_id == "def456" and second.name is None
