@@ -83,20 +83,21 @@ class CompetitionConfig(Section):
 
 
 class DedupConfig(Section):
-    # Candidates: pHash Hamming distance; verification: correlation of thumb_size^2 gray thumbnails.
-    # A pair at sure_correlation or above is a duplicate; one between min_correlation and it only if
-    # it is neighbour_ratio times closer (in 1 - r) than the neighbour_rank-th nearest candidate of
-    # both images, so look-alikes (two handwritten "1"s) are not merged. Defaults measured on the
-    # digits default and photo tiles (benchmarks/dedup.py).
+    # Candidates: pHash Hamming distance plus each image's nearest thumbnails; verification: the
+    # correlation r of thumb_size^2 gray thumbnails, aligned over small crops. r >= sure_correlation
+    # is a duplicate; r >= min_correlation only if 1 - r is at most neighbour_ratio times that of
+    # the image's look-alikes (the first big jump among its `neighbours` nearest), so look-alikes
+    # (two handwritten "1"s) are not merged. Defaults measured with benchmarks/dedup.py.
     phash_max_distance: int = Field(14, ge=0, le=64)
     min_correlation: float = Field(0.93, ge=-1.0, le=1.0)
     sure_correlation: float = Field(0.998, ge=-1.0, le=1.0)
-    neighbour_ratio: float = Field(0.2, gt=0.0, le=1.0)
-    neighbour_rank: int = Field(3, ge=1)
+    neighbour_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    neighbours: int = Field(16, ge=1)
     flat_std: float = Field(3.0, ge=0.0)
     flat_max_level_diff: float = Field(10.0, ge=0.0)
     thumb_size: int = Field(16, ge=4, le=128)
     align_crops: list[float] = [0.03, 0.06]  # centre crops compared too (fraction cut per side)
+    align_side: float = Field(0.04, ge=0.0, lt=0.5)  # and crops of one side (0: none)
     policy: Literal["keep_all", "keep_one"] = "keep_all"
     conflicts: Literal["drop", "majority", "keep"] = "drop"
     workers: int = Field(2, ge=0)
