@@ -125,7 +125,7 @@ def build_set(out: Path, n_copies: int, seed: int, n_digits: int = 700) -> tuple
         save(im, g, ".png")
     kinds = list(tf) + ["exact"]
     for g in rng.choice(len(base), size=n_copies, replace=False):
-        for _ in range(1 + int(rng.random() < 0.15)):  # some groups of three
+        for _ in range(int(rng.choice([1, 2, 4], p=[0.8, 0.15, 0.05]))):  # groups of 2, 3 and 5
             k = str(rng.choice(kinds + ["combo"] * 3))
             if k == "exact":
                 save(base[g], int(g), ".bmp", "exact")

@@ -6,13 +6,16 @@ test), then:
 1. exact duplicates: same decoded pixels (a PNG and a BMP of one image are one);
 2. near-duplicate candidates: pHash pairs within ``dedup.phash_max_distance`` bits (chunked,
    vectorised Hamming search; no Python loop over pairs);
-3. verification of each candidate by the correlation ``r`` of the two gray thumbnails. Brightness
-   and contrast changes leave ``r`` at 1, so a re-encoded, resized or brightened copy stays near
-   1 while distinct images fall away. ``r >= dedup.sure_correlation`` is a duplicate. Between
-   ``dedup.min_correlation`` and that, the pair must also stand out from the image's look-alikes:
-   ``1 - r`` at most ``dedup.neighbour_ratio`` times that of the ``dedup.neighbour_rank``-th nearest
-   candidate of both images. Two different handwritten "1"s correlate at 0.996, as closely as a
-   resized copy, but so do many other "1"s around them; a copy is much closer than the crowd;
+3. verification of each candidate by the similarity ``r``: the correlation of the two gray
+   thumbnails, the best over a few crops of either (so a cropped, zoomed or shifted copy is
+   compared aligned). Brightness and contrast changes leave ``r`` at 1, so a re-encoded, resized
+   or brightened copy stays near 1 while distinct images fall away. ``r >= dedup.sure_correlation``
+   is a duplicate. Between ``dedup.min_correlation`` and that, the pair must also stand out from
+   the images' look-alikes: ``1 - r`` at most ``dedup.neighbour_ratio`` times that of the crowd,
+   found as the first big jump among each image's ``dedup.neighbours`` nearest thumbnails. Two
+   different handwritten "1"s correlate at 0.996, as closely as a resized copy, but so do many
+   other "1"s around them; a copy is much closer than its crowd. The nearest thumbnails also add
+   candidates that pHash misses;
 4. groups: connected components over exact and verified pairs; a group whose members are not all
    close to each other (a chain a~b~c with a !~ c) is reported as chained;
 5. per group: labels seen, ``conflict`` when train labels disagree, train/test overlap.
@@ -40,6 +43,7 @@ from pipeline.config import Config, DedupConfig, add_config_args, config_from_ar
 from pipeline.data.competition import DataError, load_competition
 from pipeline.dedup_hash import (
     Fingerprints,
+    alignment_crops,
     fingerprint_images,
     hamming_pairs,
     nearest_neighbours,
@@ -50,8 +54,8 @@ from pipeline.errors import cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 
 DEDUP_VERSION = 1
-DETECTION_KEYS = ("phash_max_distance", "align_crops", "min_correlation", "sure_correlation", "neighbour_ratio",
-                  "neighbour_rank", "flat_std", "flat_max_level_diff", "thumb_size")
+DETECTION_KEYS = ("phash_max_distance", "align_crops", "align_side", "min_correlation", "sure_correlation", "neighbour_ratio",
+                  "neighbours", "flat_std", "flat_max_level_diff", "thumb_size")
 MAX_LISTED = 10
 
 
@@ -87,12 +91,31 @@ def _merge_candidates(hash_pairs: np.ndarray, knn_idx: np.ndarray, knn_r: np.nda
     return np.unique(both, axis=0) if len(both) else both
 
 
+def look_alike_level(below: np.ndarray, ratio: float) -> np.ndarray:
+    """Per image, the similarity of its look-alikes: where its copies end and the crowd begins.
+
+    ``below`` holds each image's nearest similarities (best first, near-exact copies left out).
+    Copies sit far closer than anything else, so the gaps ``1 - r`` jump at the end of them:
+    the first neighbour whose gap is more than ``1 / ratio`` times the one before is the start
+    of the crowd. Without such a jump the nearest neighbour is already crowd. This lets a group
+    of many copies through, where a fixed "k-th neighbour" would count its own members as crowd.
+    """
+    gaps = 1.0 - below.astype(np.float64)  # ascending; inf where missing
+    n, k = gaps.shape
+    if k == 0:
+        return np.full(n, -np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jump = gaps[:, :-1] <= ratio * gaps[:, 1:]
+    first = np.where(jump.any(axis=1), jump.argmax(axis=1) + 1, 0)
+    return below[np.arange(n), first].astype(np.float64)
+
+
 def verify_pairs(fp: Fingerprints, pairs: np.ndarray, corr: np.ndarray, crowd: np.ndarray,
                  dcfg: DedupConfig) -> np.ndarray:
     """Which candidate pairs are near duplicates (bool per pair); see the module docstring.
 
     Args:
-        crowd: per image, the correlation of its look-alikes (``nearest_neighbours``).
+        crowd: per image, the similarity of its look-alikes (``look_alike_level``).
     """
     i, j = pairs[:, 0], pairs[:, 1]
     gap = 1.0 - corr.astype(np.float64)
@@ -152,7 +175,7 @@ def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = Tru
     t0 = time.perf_counter()
     n = len(table)
     fp = fingerprint_images(table["path"].tolist(), dcfg.thumb_size, workers=dcfg.workers, progress=progress,
-                            crops=dcfg.align_crops)
+                            crops=alignment_crops(dcfg.align_crops, dcfg.align_side))
     bad = [f"{img}: {err}" for img, err in zip(table["image"], fp.errors) if err]
     if bad:
         shown = "\n  ".join(bad[:MAX_LISTED]) + (f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
@@ -163,7 +186,8 @@ def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = Tru
     hash_pairs, _ = hamming_pairs(fp.phash, dcfg.phash_max_distance, workers=max(1, dcfg.workers))
     # The nearest thumbnails give each image's look-alike level, and add candidates that pHash
     # misses (small crops and rotations move many of its 64 bits).
-    knn_idx, knn_r, crowd = nearest_neighbours(fp.thumb, dcfg.neighbour_rank, dcfg.sure_correlation)
+    knn_idx, knn_r, below = nearest_neighbours(fp.thumb, dcfg.neighbours, dcfg.sure_correlation)
+    crowd = look_alike_level(below, dcfg.neighbour_ratio)
     cand = _merge_candidates(hash_pairs, knn_idx, knn_r, dcfg.min_correlation)
     dist = np.bitwise_count(fp.phash[cand[:, 0]] ^ fp.phash[cand[:, 1]])
     same_pixels = np.asarray(fp.pixel_hash, dtype=object)

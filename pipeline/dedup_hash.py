@@ -9,8 +9,8 @@ agree):
 - ``thumb``: a small grayscale thumbnail, zero-mean and unit-norm, so that the dot product of two
   thumbnails is their Pearson correlation: blind to brightness and contrast changes, and sharp
   enough to tell two different handwritten digits of one class apart. Beside the whole image,
-  thumbnails of centre crops (a few percent cut from each side) let a cropped or zoomed copy be
-  compared aligned: the similarity of two images is the best correlation of one's whole
+  thumbnails of crops (a few percent cut from every side, or from one side) let a cropped,
+  zoomed or shifted copy be compared aligned: the similarity of two images is the best correlation of one's whole
   thumbnail with any thumbnail of the other.
 
 We write the search ourselves because imagededup compares pairs in a Python loop (or a BK-tree)
@@ -80,13 +80,26 @@ def pixel_hash(rgb: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def centre_crop(img: np.ndarray, fraction: float) -> np.ndarray:
+Crop = tuple[float, float, float, float]  # fractions cut from the top, bottom, left and right
+
+
+def crop(img: np.ndarray, cut: Crop) -> np.ndarray:
     h, w = img.shape[:2]
-    dy, dx = int(round(h * max(fraction, 0.0))), int(round(w * max(fraction, 0.0)))
-    return img[dy:h - dy, dx:w - dx] if h - 2 * dy >= 2 and w - 2 * dx >= 2 else img
+    top, bottom, left, right = (max(0.0, f) for f in cut)
+    y0, y1 = int(round(h * top)), h - int(round(h * bottom))
+    x0, x1 = int(round(w * left)), w - int(round(w * right))
+    return img[y0:y1, x0:x1] if y1 - y0 >= 2 and x1 - x0 >= 2 else img
 
 
-def _one(path: str, thumb_size: int, crops: Sequence[float]) -> tuple:
+def alignment_crops(centre: Sequence[float], side: float) -> list[Crop]:
+    """Centre crops (zoomed copies) and, when ``side`` > 0, one-sided crops (shifted copies)."""
+    cuts = [(f, f, f, f) for f in centre if f > 0]
+    if side > 0:
+        cuts += [(side, 0, 0, 0), (0, side, 0, 0), (0, 0, side, 0), (0, 0, 0, side)]
+    return cuts
+
+
+def _one(path: str, thumb_size: int, crops: Sequence[Crop]) -> tuple:
     try:
         rgb = read_image(path)
     except ImageReadError as exc:
@@ -94,12 +107,12 @@ def _one(path: str, thumb_size: int, crops: Sequence[float]) -> tuple:
         return "", np.uint64(0), empty, (0.0, 0.0), (0, 0), str(exc).split(": ", 1)[-1]
     g = gray(rgb)
     t, mean, std = thumbnail(g, thumb_size)
-    variants = [t] + [thumbnail(centre_crop(g, f), thumb_size)[0] for f in crops]
+    variants = [t] + [thumbnail(crop(g, c), thumb_size)[0] for c in crops]
     return pixel_hash(rgb), phash(g), np.stack(variants), (mean, std), rgb.shape[:2], None
 
 
 def fingerprint_images(paths: Sequence[str], thumb_size: int, workers: int = 2, progress: bool = True,
-                       crops: Sequence[float] = ()) -> Fingerprints:
+                       crops: Sequence[Crop] = ()) -> Fingerprints:
     """Decode and fingerprint every image, ``workers`` threads at a time, with a progress bar.
 
     Threads suffice: OpenCV decoding, resizing and the DCT release the GIL.
@@ -225,21 +238,20 @@ def similarity_matrix(thumbs_a: np.ndarray, thumbs_b: np.ndarray) -> np.ndarray:
 
 def nearest_neighbours(thumbs: np.ndarray, k: int, exclude_above: float, chunk_cells: int = 1 << 24,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each image's ``k`` most correlated other images, and its look-alike level.
+    """Each image's ``k`` most similar other images, with and without near-exact copies.
 
     Chunked matrix products of the unit-norm thumbnails give every similarity (BLAS does the
     work, so this scales to tens of thousands of images).
 
     Returns:
-        ``(idx, r, crowd)``: (n, k) neighbour indices and correlations, best first, and per image
-        the correlation of its ``k``-th nearest neighbour among those below ``exclude_above``
-        (near-exact copies do not count as look-alikes); -inf when there are fewer.
+        ``(idx, r, below)``: (n, k) neighbour indices and similarities, best first, and the (n, k)
+        best similarities below ``exclude_above`` (-inf where there are fewer), best first.
     """
     n = len(thumbs)
     k_eff = min(k, max(n - 1, 0))
     idx = np.zeros((n, k_eff), np.int64)
     r = np.zeros((n, k_eff), np.float32)
-    crowd = np.full(n, -np.inf, np.float32)
+    crowd = np.full((n, k_eff), -np.inf, np.float32)
     if k_eff == 0:
         return idx, r, crowd
     rows = max(1, min(n, chunk_cells // n))
@@ -252,5 +264,5 @@ def nearest_neighbours(thumbs: np.ndarray, k: int, exclude_above: float, chunk_c
         idx[a:b] = np.take_along_axis(top, order, axis=1)
         r[a:b] = np.take_along_axis(top_r, order, axis=1)
         g[g >= exclude_above] = -np.inf
-        crowd[a:b] = -np.partition(-g, k_eff - 1, axis=1)[:, k_eff - 1]
+        crowd[a:b] = -np.sort(-np.take_along_axis(g, np.argpartition(-g, k_eff - 1, axis=1)[:, :k_eff], 1), 1)
     return idx, r, crowd
