@@ -185,7 +185,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_epoch(cfg_for, mo
         train_fold(cfg_for("train.lr=0.5"), fold=0, resume=True)
 
 
-def test_early_stopping_stops_when_the_metric_stalls(cfg_for, monkeypatch):
+def test_early_stopping_stops_when_the_metric_stalls_and_wandb_absent(cfg_for, monkeypatch):
     real_validate = train_mod.validate
 
     def stalled(*args, **kwargs):
@@ -194,6 +194,7 @@ def test_early_stopping_stops_when_the_metric_stalls(cfg_for, monkeypatch):
         return EvalResult(flat, np.full_like(res.losses, 2.3), res.targets)
 
     monkeypatch.setattr(train_mod, "validate", stalled)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # wandb.mode=disabled needs no wandb at all
     metrics = train_fold(cfg_for("train.epochs=5", "train.early_stopping_patience=1"), fold=2)
     assert metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
 
