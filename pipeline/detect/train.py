@@ -211,10 +211,8 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                     break
         train_time = prior_time + time.perf_counter() - t0
         # report the best checkpoint's validation metrics (the one evaluate/predict use)
-        if dist.is_main:
-            best_ckpt = load_checkpoint(out_dir / "best.pt", map_location=device)
-            _bare(model).load_state_dict(best_ckpt["model"])
-        barrier(dist)
+        barrier(dist)  # best.pt is written by the main rank; every rank scores the same weights
+        _bare(model).load_state_dict(load_checkpoint(out_dir / "best.pt", map_location=device)["model"])
         if best_epoch != history[-1]["epoch"]:
             metrics_val = validate(model, val_split, cfg, device, dist)
         result = {
