@@ -180,6 +180,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg, device, epoch,
                                     dist.is_main)
             stats = {k: reduce_mean(v, dist) for k, v in stats.items()}
+            stats["images_per_s"] *= dist.world_size  # throughput of all ranks together
             row = {"epoch": epoch, "train_loss": stats["loss"], "cls_loss": stats["cls_loss"],
                    "box_loss": stats["box_loss"], "val_map_50": float("nan"), "val_map_50_95": float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
