@@ -89,7 +89,7 @@ class DetectPostConfig(Section):
 
 
 class DetectPredictConfig(Section):
-    split: str = "test"
+    split: str | None = None  # None: data.test
     batch_size: int = Field(32, ge=1)
     draw: bool = False
     draw_max: int = Field(16, ge=1)

@@ -30,9 +30,9 @@ from pipeline.io import atomic_write_csv, atomic_write_image, atomic_write_json
 def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = None, which: str = "best") -> Path:
     """Run the trained detector on ``split`` (default ``predict.split``); returns the submission path."""
     ensure_dataset(cfg)
-    split = split or cfg.predict.split
+    split = split or cfg.predict.split or cfg.data.test
     if not split:
-        raise PipelineError("no split to predict: pass --split NAME or set predict.split")
+        raise PipelineError("no split to predict: data.test is null; pass --split NAME (e.g. --split val)")
     device = resolve_device(cfg.device)
     model, classes, trained = load_trained(cfg, which, device)
     cfg = cfg.model_copy(update={"model": trained.model, "train": trained.train})
@@ -66,7 +66,7 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m pipeline.detect.predict", description=__doc__.split("\n\n")[0])
     add_config_args(parser, DEFAULT_DETECT_CONFIG)
-    parser.add_argument("--split", default=None, help="split folder under data.root (default: predict.split)")
+    parser.add_argument("--split", default=None, help="split folder under data.root (default: predict.split, else data.test)")
     parser.add_argument("--draw", action="store_true", default=None, help="also write images with boxes drawn")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     args = parser.parse_args(argv)
