@@ -176,6 +176,7 @@ class TrainConfig(Section):
 TtaName = Literal[
     "identity", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse",
     "d4", "five_crop", "ten_crop", "scale_0.875", "scale_1.125", "scale_1.25",
+    "zoom_0.875", "zoom_1.0625", "zoom_1.125", "zoom_1.25",
 ]
 
 

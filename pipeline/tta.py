@@ -6,9 +6,14 @@ the mean of the softmax (default) or the geometric mean (mean of log-probabiliti
 
 Names accepted in the ``tta`` config list:
 ``identity hflip vflip transpose rot90 rot180 rot270 transverse`` (single views), ``d4`` (all 8
-of the dihedral group), ``scale_<s>`` (resize by s; CNNs see the new size, fixed-size models get
-a center crop or edge padding back), ``five_crop`` (4 corners + center of the batch upscaled by
+of the dihedral group), ``scale_<s>`` (multi-scale: resize by s, the CNN sees the new size; models
+with a fixed input size get ``zoom_<s>`` instead), ``zoom_<s>`` (resize by s, then center-crop or
+edge-pad back to the input size), ``five_crop`` (4 corners + center of the batch upscaled by
 ``predict.crop_scale``), ``ten_crop`` (five crops and their mirror images).
+
+Measured on the embedded digits (32 px, resnet18, fold 0): ``scale_1.125`` drops a view's OOF
+accuracy to 0.16 (at 32 px one more output cell changes the whole feature map), while
+``zoom_1.125`` raises it from 0.993 to 0.997: small images want zoom, large ones can take scale.
 """
 from __future__ import annotations
 
@@ -73,18 +78,20 @@ def _fit(x: Tensor, h: int, w: int) -> Tensor:
     return x
 
 
-def _scale_view(name: str, fixed_size: bool) -> View:
+def _scale_view(name: str, keep_size: bool) -> View:
+    """``scale_<s>``: resize by s (the model sees the new size); ``zoom_<s>``: resize by s, then
+    center-crop (s > 1) or edge-pad (s < 1) back to the input size."""
     try:
         s = float(name.split("_", 1)[1])
     except (IndexError, ValueError):
-        raise PipelineError(f"tta: {name!r} is not scale_<factor>, e.g. scale_1.125") from None
+        raise PipelineError(f"tta: {name!r} is not scale_<factor> or zoom_<factor>, e.g. zoom_1.125") from None
     if not 0.25 <= s <= 4.0:
         raise PipelineError(f"tta: {name!r}: the factor must be between 0.25 and 4")
 
     def fn(x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         y = _resize(x, max(1, round(h * s)), max(1, round(w * s)))
-        return _fit(y, h, w) if fixed_size else y
+        return _fit(y, h, w) if keep_size else y
 
     return View(name, fn)
 
@@ -119,7 +126,7 @@ def build_views(names: Sequence[str], *, flips: bool = True, crop_scale: float =
         names: the ``tta`` config list (``d4``, ``five_crop`` and ``ten_crop`` expand to several views).
         flips: False drops every view that mirrors or rotates the image (digits, text).
         crop_scale: upscaling before five/ten crop.
-        fixed_size: the model takes only its training size; scaled views are cropped/padded back.
+        fixed_size: the model takes only its training size; ``scale_`` views act as ``zoom_``.
 
     Returns:
         The views in order without repeats, and the names of views dropped because flips are off.
@@ -133,12 +140,14 @@ def build_views(names: Sequence[str], *, flips: bool = True, crop_scale: float =
         elif name in _GEOMETRIC:
             views.append(View(name, *_GEOMETRIC[name]))
         elif name.startswith("scale_"):
-            views.append(_scale_view(name, fixed_size))
+            views.append(_scale_view(name, keep_size=fixed_size))
+        elif name.startswith("zoom_"):
+            views.append(_scale_view(name, keep_size=True))
         elif name in ("five_crop", "ten_crop"):
             views += _crop_views(crop_scale, mirrored=name == "ten_crop")
         else:
             raise PipelineError(f"tta: unknown transform {name!r}; known: {', '.join(D4)}, d4, "
-                                "scale_<factor>, five_crop, ten_crop")
+                                "scale_<factor>, zoom_<factor>, five_crop, ten_crop")
     seen: dict[str, View] = {}
     dropped = []
     for v in views:

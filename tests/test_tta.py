@@ -91,12 +91,15 @@ def test_scale_and_crop_views_keep_batches_and_sizes():
     assert by["scale_0.875"](x).shape == (5, 3, 28, 28)
     for pos in ("tl", "tr", "bl", "br", "cc"):
         assert by[f"crop_{pos}"](x).shape == (5, 3, 32, 32)
-    # a fixed-size model gets the training size back
+    # zoom keeps the input size, and so does scale for a fixed-size model
     fixed, _ = build_views(["scale_1.25", "scale_0.875"], fixed_size=True)
-    assert all(v(x).shape == (5, 3, 32, 32) for v in fixed)
+    zoom, _ = build_views(["zoom_1.25", "zoom_0.875"])
+    assert all(v(x).shape == (5, 3, 32, 32) for v in fixed + zoom)
+    # zoom_<s> is the center crop of five_crop at crop_scale s
+    torch.testing.assert_close(zoom[0](x), by["crop_cc"](x))
     # a constant image stays constant under every view (interpolation and padding are sane)
     c = torch.full((2, 3, 32, 32), 0.7)
-    for v in views + fixed:
+    for v in views + fixed + zoom:
         torch.testing.assert_close(v(c), torch.full_like(v(c), 0.7))
 
 

@@ -1,0 +1,212 @@
+"""The main job: every stage, every fold, in order, skipping what is complete and up to date.
+
+``python -m pipeline.run`` (with no argument: the embedded default competition)
+
+1. dedup + folds (``pipeline.folds.ensure_folds``: made again only when inputs or settings change);
+2. train each fold (skipped when its ``metrics.json`` is complete, its saved config matches the
+   current one and its OOF rows are the fold's rows of folds.csv);
+3. predict each fold with TTA (skipped when made from the same checkpoint and TTA settings);
+4. ensemble every complete experiment of the competition (or ``ensemble.experiments``) and write a
+   submission (skipped when the newest submission was made from the same predictions and settings);
+5. a summary: CV scores, the submission, and its score against the hidden solution when the
+   competition has one (the embedded default does).
+
+A second run with nothing changed does no work and prints the same summary. Under torchrun the
+training is distributed; folds, prediction and ensembling run on rank 0 only.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pipeline import paths
+from pipeline.config import Config, add_config_args, config_from_args
+from pipeline.errors import PipelineError, cli_entry
+from pipeline.io import read_json
+
+# Config sections a trained fold depends on; tta/predict/ensemble/wandb/paths do not retrain anything.
+TRAINING_KEYS = ("seed", "competition", "dedup", "folds", "model", "train")
+
+
+@dataclass
+class RunSummary:
+    experiment: str
+    cv: dict[str, Any]
+    submission: Path | None
+    solution_score: float | None
+    weights: dict[str, float]
+    trained: list[int]
+    skipped: list[int]
+    wall_time_s: float
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _training_part(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: data.get(k) for k in TRAINING_KEYS}
+
+
+def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, str]:
+    """Whether ``fold`` is trained, complete and made with the current settings and folds.
+
+    Returns:
+        (current, reason): the reason says why a fold must be (re)trained.
+    """
+    run, d = paths.run_dir(cfg), paths.fold_dir(cfg, fold)
+    for f in (d / "metrics.json", d / "best.pt", d / "oof.csv", run / "config.yaml"):
+        if not f.is_file():
+            return False, f"no {f.name}"
+    try:
+        metrics = read_json(d / "metrics.json")
+        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return False, "unreadable metrics.json or config.yaml"
+    if not metrics.get("complete"):
+        return False, "training did not finish"
+    if _training_part(saved) != _training_part(cfg.to_dict()):
+        changed = [k for k in TRAINING_KEYS if saved.get(k) != cfg.to_dict().get(k)]
+        return False, f"config changed ({', '.join(changed)})"
+    oof_images = set(pd.read_csv(d / "oof.csv", usecols=["image"], dtype=str, keep_default_na=False)["image"])
+    if oof_images != set(folds.loc[folds["fold"] == fold, "image"]):
+        return False, "folds.csv changed"
+    return True, "complete"
+
+
+def _train_fold(cfg: Config, fold: int) -> None:
+    try:
+        from pipeline.train import train_fold
+    except ImportError as exc:
+        raise PipelineError(f"the train stage is not available ({exc}); install the full package") from None
+    train_fold(cfg, fold)
+
+
+def _latest_matching_submission(cfg: Config, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
+    folder = paths.submissions_dir(cfg)
+    if not folder.is_dir():
+        return None
+    for js in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            meta = read_json(js)
+        except (OSError, ValueError):
+            continue
+        if meta.get("fingerprint") == fingerprint and js.with_suffix(".csv").is_file():
+            return js.with_suffix(".csv"), meta
+    return None
+
+
+def run_all(cfg: Config, name: str | None = None) -> RunSummary:
+    """Run every stage of ``cfg.experiment`` in order; see the module docstring."""
+    from pipeline.data import load_competition
+    from pipeline.engine.distributed import barrier, init_distributed
+    from pipeline.ensemble import discover_experiments, format_table, inputs_fingerprint, run_ensemble
+    from pipeline.folds import ensure_folds
+    from pipeline.predict import predict_fold
+
+    start = time.time()
+    dist = init_distributed(cfg.device)
+    say = print if dist.is_main else (lambda *a, **k: None)
+
+    t = time.time()
+    if dist.is_main:
+        comp = load_competition(cfg.competition)
+        folds = ensure_folds(cfg)
+    barrier(dist)
+    if not dist.is_main:
+        comp = load_competition(cfg.competition, build=False)
+        folds = ensure_folds(cfg)
+    ks = sorted(int(k) for k in folds["fold"].unique() if k >= 0)
+    say(f"[1/4] data+folds  {comp.slug}: {len(comp.train)} train / {len(comp.test)} test images, "
+        f"{len(folds)} in folds.csv, {len(ks)} folds ({_fmt_time(time.time() - t)})")
+
+    t = time.time()
+    trained, skipped = [], []
+    for k in ks:
+        current, reason = fold_is_current(cfg, k, folds)
+        if current:
+            skipped.append(k)
+            continue
+        say(f"        train fold {k}: {reason}; training {cfg.model.backbone} for {cfg.train.epochs} epochs")
+        _train_fold(cfg, k)
+        trained.append(k)
+    accs = []
+    for k in ks:
+        m = paths.fold_dir(cfg, k) / "metrics.json"
+        accs.append(read_json(m).get("val_acc", float("nan")) if m.is_file() else float("nan"))
+    say(f"[2/4] train       {cfg.experiment}: {len(trained)} fold(s) trained, {len(skipped)} up to date; "
+        f"fold val acc {' '.join(f'{a:.4f}' for a in accs)} ({_fmt_time(time.time() - t)})")
+    if not dist.is_main:
+        barrier(dist)
+        return RunSummary(cfg.experiment, {}, None, None, {}, trained, skipped, time.time() - start)
+
+    t = time.time()
+    infos = {}
+    for k in ks:
+        infos[k] = predict_fold(cfg, k, quiet=True)
+    gain = [infos[k]["oof_acc_tta"] - infos[k]["oof_acc"] for k in ks]
+    say(f"[3/4] predict     TTA [{', '.join(infos[ks[0]]['tta'])}]: mean OOF acc gain {sum(gain) / len(gain):+.4f} "
+        f"({_fmt_time(time.time() - t)})")
+
+    t = time.time()
+    names = list(cfg.ensemble.experiments or discover_experiments(cfg, verbose=False))
+    if cfg.experiment not in names and not cfg.ensemble.experiments:
+        names.append(cfg.experiment)
+    found = _latest_matching_submission(cfg, inputs_fingerprint(cfg, names))
+    if found is not None:
+        sub_path, meta = found
+        cv = meta.get("cv", {})
+        weights = meta.get("weights", {})
+        score = (meta.get("solution_score") or {}).get("value")
+        say(f"[4/4] ensemble    up to date: {sub_path} (from the same predictions and settings)")
+        rows = [{"experiment": n, "folds": len(meta.get("folds", {}).get(n, ks)), **_nan(cv.get(n, {})),
+                 "weight": weights.get(n, float("nan"))} for n in [*names, "blend"]]
+        say(format_table(pd.DataFrame(rows)))
+    else:
+        result = run_ensemble(cfg, names, name=name, quiet=True)
+        sub_path, weights, score = result.submission, result.weights, result.solution_score
+        cv = result.meta["cv"]
+        say(f"[4/4] ensemble    {len(names)} experiment(s), {cfg.ensemble.method} weights -> {sub_path} "
+            f"({_fmt_time(time.time() - t)})")
+        say(format_table(result.table))
+    barrier(dist)
+
+    wall = time.time() - start
+    blend = cv.get("blend", {})
+    best = blend.get("acc_tta") if blend.get("acc_tta") is not None else blend.get("acc")
+    ll = blend.get("logloss_tta") if blend.get("logloss_tta") is not None else blend.get("logloss")
+    say("summary")
+    say(f"  CV (out-of-fold, blend): accuracy {best:.4f}, log loss {ll:.4f}")
+    say(f"  weights: {', '.join(f'{n}={w:.3f}' for n, w in weights.items())}")
+    say(f"  submission: {sub_path}")
+    if score is not None:
+        metric = cfg.competition.metric if cfg.competition.submission_form == "label" else "log_loss"
+        say(f"  score against the hidden solution ({cfg.competition.solution}): {metric} {score:.4f}")
+    say(f"  wall time: {_fmt_time(wall)}")
+    return RunSummary(cfg.experiment, cv, sub_path, score, weights, trained, skipped, wall)
+
+
+def _nan(scores: dict[str, Any]) -> dict[str, float]:
+    return {k: float("nan") if scores.get(k) is None else float(scores[k])
+            for k in ("acc", "logloss", "acc_tta", "logloss_tta")}
+
+
+def main(argv: list[str] | None = None) -> RunSummary:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--name", help="submission file name prefix (default: ensemble.name, the experiment or 'blend')")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    return run_all(cfg, name=args.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_entry(main))

@@ -1,0 +1,117 @@
+"""``python -m pipeline.run`` end to end on a trimmed copy of the embedded default, with tiny models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.data import load_competition
+from pipeline.run import fold_is_current, main, run_all
+from pipeline.submission import validate_submission
+
+N_TRAIN, N_TEST = 200, 60
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_root(digits_root, tmp_path_factory):
+    """A copy of the digits competition cut to N_TRAIN training and N_TEST test images (every class
+    kept), with its sample submission and hidden solution cut to match."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("run") / "digits"
+    shutil.copytree(digits_root, root)
+    shutil.copytree(digits_root.parent / "digits_private", root.parent / "digits_private")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    train.iloc[:N_TRAIN].to_csv(root / "train.csv", index=False)
+    test = pd.read_csv(root / "test.csv", dtype=str).iloc[:N_TEST]
+    test.to_csv(root / "test.csv", index=False)
+    for path in (root / "sample_submission.csv", root.parent / "digits_private" / "solution.csv"):
+        table = pd.read_csv(path, dtype=str)
+        table[table["image"].isin(test["image"])].to_csv(path, index=False)
+    return root
+
+
+def _tiny(root, *extra):
+    from pipeline.config import load_config
+
+    out = root.parent / "out"
+    return load_config(REPO / "configs" / "default.yaml", [
+        f"paths.work={out / 'work'}", f"paths.runs={out / 'runs'}", f"paths.submissions={out / 'submissions'}",
+        f"competition.root={root}", f"competition.solution={root.parent / 'digits_private' / 'solution.csv'}",
+        "wandb.mode=disabled", "train.num_workers=0", "model.backbone=test_resnet", "train.img_size=16",
+        "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0", "folds.k=2", "dedup.workers=0",
+        "predict.batch_size=512", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(small_root):
+    """One run of every stage, shared by the tests of this module (it is the expensive part)."""
+    import contextlib
+    import io
+
+    cfg = _tiny(small_root)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        summary = run_all(cfg)
+    return cfg, summary, buf.getvalue()
+
+
+def test_run_does_every_stage_then_only_reports(first_run, capsys):
+    cfg, first, out = first_run
+    assert first.trained == [0, 1] and first.skipped == []
+    for stage in ("[1/4] data+folds", "[2/4] train", "[3/4] predict", "[4/4] ensemble", "summary"):
+        assert stage in out
+    assert "score against the hidden solution" in out and 0 <= first.solution_score <= 1
+    comp = load_competition(cfg.competition)
+    sub = pd.read_csv(first.submission, dtype=str, keep_default_na=False)
+    validate_submission(sub, comp.sample_submission, cfg.competition, comp.classes)
+
+    # the second run does nothing but report
+    subs_before = sorted(first.submission.parent.iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in first.submission.parents[1].rglob("fold*/*")}
+    second = run_all(cfg)
+    out = capsys.readouterr().out
+    assert second.trained == [] and second.skipped == [0, 1]
+    assert second.submission == first.submission and second.solution_score == first.solution_score
+    assert "up to date" in out and "train fold" not in out
+    assert sorted(first.submission.parent.iterdir()) == subs_before
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_only_training_settings_make_a_fold_stale(first_run):
+    from pipeline.folds import ensure_folds
+
+    cfg = first_run[0].model_copy(deep=True)
+    folds = ensure_folds(cfg)
+    assert fold_is_current(cfg, 0, folds) == (True, "complete")
+    lr = cfg.train.lr
+    cfg.train.lr = lr * 10
+    assert fold_is_current(cfg, 0, folds) == (False, "config changed (train)")
+    cfg.train.lr = lr
+    cfg.tta, cfg.ensemble.method, cfg.wandb.mode = ["identity"], "caruana", "offline"
+    assert fold_is_current(cfg, 0, folds)[0]  # TTA, ensemble and W&B settings retrain nothing
+    other = folds.copy()
+    other.loc[other.index[:3], "fold"] = 1 - other.loc[other.index[:3], "fold"]
+    assert fold_is_current(cfg, 0, other) == (False, "folds.csv changed")
+
+
+@pytest.mark.slow
+def test_second_experiment_is_blended(first_run, small_root):
+    cfg, first, _ = first_run
+    other = _tiny(small_root, "experiment=tiny_resnet10t", "model.backbone=resnet10t")
+    third = run_all(other)
+    assert set(third.weights) == {cfg.experiment, "tiny_resnet10t"}
+    assert sum(third.weights.values()) == pytest.approx(1.0)
+    ll = {k: v["logloss_tta"] for k, v in third.cv.items()}
+    assert ll["blend"] <= min(ll[cfg.experiment], ll["tiny_resnet10t"]) + 1e-9
+    assert third.submission != first.submission
+
+
+def test_cli_reports_a_bad_config_value_in_one_line(capsys):
+    from pipeline.errors import cli_entry
+
+    assert cli_entry(main, ["--set", "ensemble.method=best"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "ensemble.method" in err and "optimize" in err
