@@ -12,7 +12,8 @@ test), then:
    or brightened copy stays near 1 while distinct images fall away. ``r >= dedup.sure_correlation``
    is a duplicate. Between ``dedup.min_correlation`` and that, the pair must also stand out from
    the images' look-alikes: ``1 - r`` at most ``dedup.neighbour_ratio`` times that of the crowd,
-   found as the first big jump among each image's ``dedup.neighbours`` nearest thumbnails. Two
+   found as the first big jump among each image's ``dedup.neighbours`` nearest thumbnails that
+   are not yet in its group (repeated until the groups stop growing). Two
    different handwritten "1"s correlate at 0.996, as closely as a resized copy, but so do many
    other "1"s around them; a copy is much closer than its crowd. The nearest thumbnails also add
    candidates that pHash misses;
@@ -57,6 +58,7 @@ DEDUP_VERSION = 1
 DETECTION_KEYS = ("phash_max_distance", "align_crops", "align_side", "min_correlation", "sure_correlation", "neighbour_ratio",
                   "neighbours", "flat_std", "flat_max_level_diff", "thumb_size")
 MAX_LISTED = 10
+MAX_ROUNDS = 4
 
 
 def sheet_path(cfg: Config) -> Path:
@@ -91,23 +93,28 @@ def _merge_candidates(hash_pairs: np.ndarray, knn_idx: np.ndarray, knn_r: np.nda
     return np.unique(both, axis=0) if len(both) else both
 
 
-def look_alike_level(below: np.ndarray, ratio: float) -> np.ndarray:
+def look_alike_level(knn_idx: np.ndarray, knn_r: np.ndarray, group: np.ndarray, ratio: float) -> np.ndarray:
     """Per image, the similarity of its look-alikes: where its copies end and the crowd begins.
 
-    ``below`` holds each image's nearest similarities (best first, near-exact copies left out).
-    Copies sit far closer than anything else, so the gaps ``1 - r`` jump at the end of them:
-    the first neighbour whose gap is more than ``1 / ratio`` times the one before is the start
-    of the crowd. Without such a jump the nearest neighbour is already crowd. This lets a group
-    of many copies through, where a fixed "k-th neighbour" would count its own members as crowd.
+    Among each image's nearest neighbours (best first), those already in its group are left out.
+    Copies sit far closer than anything else, so the gaps ``1 - r`` jump at the end of them: the
+    first neighbour whose gap is more than ``1 / ratio`` times the one before is the start of the
+    crowd. Without such a jump the nearest neighbour is already crowd. Called again after each
+    round of verification, so a group with copies at several distances is found copy by copy.
     """
-    gaps = 1.0 - below.astype(np.float64)  # ascending; inf where missing
-    n, k = gaps.shape
+    n, k = knn_r.shape
     if k == 0:
         return np.full(n, -np.inf)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # A neighbour in the group is replaced by the farthest one seen: the crowd beyond the k nearest
+    # is at most that close, so a group that fills the list never makes its crowd look far away.
+    farthest = knn_r[:, -1:].astype(np.float64)
+    below = np.where(group[knn_idx] == group[:, None], farthest, knn_r.astype(np.float64))
+    below = -np.sort(-below, axis=1)
+    gaps = 1.0 - below  # ascending; inf where missing
+    with np.errstate(invalid="ignore"):
         jump = gaps[:, :-1] <= ratio * gaps[:, 1:]
     first = np.where(jump.any(axis=1), jump.argmax(axis=1) + 1, 0)
-    return below[np.arange(n), first].astype(np.float64)
+    return below[np.arange(n), first]
 
 
 def verify_pairs(fp: Fingerprints, pairs: np.ndarray, corr: np.ndarray, crowd: np.ndarray,
@@ -186,15 +193,22 @@ def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = Tru
     hash_pairs, _ = hamming_pairs(fp.phash, dcfg.phash_max_distance, workers=max(1, dcfg.workers))
     # The nearest thumbnails give each image's look-alike level, and add candidates that pHash
     # misses (small crops and rotations move many of its 64 bits).
-    knn_idx, knn_r, below = nearest_neighbours(fp.thumb, dcfg.neighbours, dcfg.sure_correlation)
-    crowd = look_alike_level(below, dcfg.neighbour_ratio)
+    knn_idx, knn_r = nearest_neighbours(fp.thumb, dcfg.neighbours)
     cand = _merge_candidates(hash_pairs, knn_idx, knn_r, dcfg.min_correlation)
     dist = np.bitwise_count(fp.phash[cand[:, 0]] ^ fp.phash[cand[:, 1]])
     same_pixels = np.asarray(fp.pixel_hash, dtype=object)
     not_exact = same_pixels[cand[:, 0]] != same_pixels[cand[:, 1]] if len(cand) else np.zeros(0, bool)
     t_search = time.perf_counter()
     corr = pair_correlation(fp.thumb, cand)
-    ok = verify_pairs(fp, cand, corr, crowd, dcfg)
+    # Rounds: each verified copy joins its group and stops counting as crowd for the next round.
+    group = _components(n, np.concatenate([exact, cand[corr >= dcfg.sure_correlation]]))
+    for _ in range(MAX_ROUNDS):
+        crowd = look_alike_level(knn_idx, knn_r, group, dcfg.neighbour_ratio)
+        ok = verify_pairs(fp, cand, corr, crowd, dcfg)
+        grown = _components(n, np.concatenate([exact, cand[ok]]))
+        if (grown == group).all():
+            break
+        group = grown
     near = cand[ok & not_exact]
     near_r, near_d = corr[ok & not_exact], dist[ok & not_exact]
     t_verify = time.perf_counter()

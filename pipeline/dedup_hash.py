@@ -237,26 +237,24 @@ def similarity_matrix(thumbs_a: np.ndarray, thumbs_b: np.ndarray) -> np.ndarray:
     return g
 
 
-def nearest_neighbours(thumbs: np.ndarray, k: int, exclude_above: float, shortlist: int = 48,
-                       chunk_cells: int = 1 << 24, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each image's ``k`` most similar other images, with and without near-exact copies.
+def nearest_neighbours(thumbs: np.ndarray, k: int, shortlist: int = 48, chunk_cells: int = 1 << 24,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's ``k`` most similar other images.
 
     One chunked matrix product of the whole-image thumbnails shortlists each image's
     ``shortlist`` nearest (BLAS does the work: 27,000 images in seconds); their aligned
     similarity (``pair_correlation``) then ranks them.
 
     Returns:
-        ``(idx, r, below)``: (n, k) neighbour indices and similarities, best first, and the (n, k)
-        best similarities below ``exclude_above`` (-inf where there are fewer), best first.
+        ``(idx, r)``: (n, k) neighbour indices and similarities, best first.
     """
     n = len(thumbs)
     k_eff = min(k, max(n - 1, 0))
     m = min(max(shortlist, k_eff), max(n - 1, 0))
     idx = np.zeros((n, k_eff), np.int64)
     r = np.zeros((n, k_eff), np.float32)
-    below = np.full((n, k_eff), -np.inf, np.float32)
     if k_eff == 0:
-        return idx, r, below
+        return idx, r
     whole = np.ascontiguousarray(thumbs[:, 0])
     rows = max(1, min(n, chunk_cells // n))
     for a, b in tqdm(list(_chunks(n, rows)), desc="neighbours", disable=not progress, leave=False):
@@ -268,6 +266,4 @@ def nearest_neighbours(thumbs: np.ndarray, k: int, exclude_above: float, shortli
         order = np.argsort(-sim, axis=1)[:, :k_eff]
         idx[a:b] = np.take_along_axis(near, order, axis=1)
         r[a:b] = np.take_along_axis(sim, order, axis=1)
-        sim[sim >= exclude_above] = -np.inf
-        below[a:b] = -np.sort(-sim, axis=1)[:, :k_eff]
-    return idx, r, below
+    return idx, r

@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import paths
 from pipeline.config import Config, add_config_args, config_from_args
-from pipeline.dedup import ensure_dedup
+from pipeline.dedup import dedup_is_current, ensure_dedup
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 
@@ -79,6 +79,8 @@ def _read_groups(cfg: Config, train: pd.DataFrame) -> pd.DataFrame:
         warn(f"{path} not found: every image is its own group, so duplicates may leak across folds; "
              "run `python -m pipeline.dedup` first")
         return train.assign(group=[f"i{i}" for i in range(len(train))], conflict=False)
+    if not dedup_is_current(cfg):
+        warn(f"{path} was made from other images or dedup settings; run `python -m pipeline.dedup` to refresh it")
     try:
         dedup = pd.read_csv(path, dtype={"image": str, "group": str, "split": str}, keep_default_na=False)
     except Exception as exc:  # pandas raises many kinds; the user needs the file name
@@ -226,9 +228,12 @@ def make_folds(cfg: Config, quiet: bool = False) -> pd.DataFrame:
                                              "n_groups": int(folds["group"].nunique()), "notes": notes})
     if not quiet:
         dropped = stats["n_in"] - stats["n_out"]
+        why = ", ".join(f"{n} {what}" for what, n in (
+            ("in conflicting groups", stats["dropped_conflict"]), ("in tied conflicts", stats["dropped_tie"]),
+            ("extra copies (keep_one)", stats["dropped_keep_one"])) if n)
         print(f"folds: {len(folds)} train images in {folds['group'].nunique()} groups, k={cfg.folds.k}, "
-              f"seed={cfg.folds.seed}; policy {cfg.dedup.policy}/{cfg.dedup.conflicts} dropped {dropped}, "
-              f"relabelled {stats['relabelled']}")
+              f"seed={cfg.folds.seed}; dedup policy {cfg.dedup.policy}, conflicts {cfg.dedup.conflicts}: "
+              f"dropped {dropped}{f' ({why})' if why else ''}, relabelled {stats['relabelled']}")
         print(balance_table(folds, cfg.folds.k))
         print(f"wrote {out}")
     return folds
