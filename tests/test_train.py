@@ -238,3 +238,12 @@ def test_ddp_two_processes_gloo_every_oof_row_once(cfg_for, tmp_path):
         assert not any(k.startswith("module.") for k in state["model"]) and state["ema"] is not None
     last = torch.load(fold / "last.pt", weights_only=True)
     assert last["world_size"] == 2 and len(last["rng_ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_and_saves_plain_state_dict(cfg_for):
+    """torch.compile (inductor needs a C++ compiler on the CPU; compiling takes minutes here)."""
+    metrics = train_fold(cfg_for("train.compile=true", "train.epochs=1"), fold=0)
+    cfg = cfg_for()
+    best = torch.load(Path(cfg.paths.runs) / cfg.experiment / "fold0" / "best.pt", weights_only=True)
+    assert metrics["complete"] and not any("_orig_mod" in k for k in best["model"])

@@ -25,6 +25,8 @@ from pipeline.engine.distributed import DistInfo, all_gather_object, reduce_mean
 from pipeline.engine.optim import current_lr
 from pipeline.errors import PipelineError
 
+CHECK_EVERY = 10  # steps between reading the loss back to the host
+
 
 class NonFiniteLossError(PipelineError):
     """The training loss became NaN or infinite."""
@@ -86,14 +88,23 @@ def create_train_loss(train_cfg: TrainConfig, mixup: Mixup | None) -> torch.nn.M
     return torch.nn.CrossEntropyLoss()
 
 
-def _all_finite(value: float, info: DistInfo) -> bool:
-    """Whether the loss is finite on every rank (a rank alone stopping would hang the others)."""
-    bad = not math.isfinite(value)
-    if info.enabled:
-        flag = torch.tensor([float(bad)], device=info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
-    return not bad
+def _first_bad_step(window: list[tuple[int, float, int, float]], info: DistInfo) -> tuple[int, float] | None:
+    """(step, loss) of the first non-finite loss in ``window`` on any rank, or None.
+
+    Every rank must stop together (a rank alone leaving would hang the others in their next
+    all-reduce), so the earliest bad step is agreed by an all-reduce.
+    """
+    bad = [(step, value) for step, value, _, _ in window if not math.isfinite(value)]
+    if not info.enabled:
+        return bad[0] if bad else None
+    never = torch.iinfo(torch.int64).max
+    first = torch.tensor([bad[0][0] if bad else never], dtype=torch.int64, device=info.device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    step = int(first.item())
+    if step == never:
+        return None
+    own = dict(bad)
+    return step, own.get(step, float("nan"))
 
 
 def train_one_epoch(
@@ -124,13 +135,18 @@ def train_one_epoch(
         ema: timm ``ModelEmaV3`` updated after every optimizer update, or None.
 
     Raises:
-        NonFiniteLossError: the loss was NaN/inf on some rank; nothing of this step was applied.
+        NonFiniteLossError: the loss was NaN/inf on some rank (found up to ``CHECK_EVERY`` steps
+            late; the weights are then spoilt, which is why only finished epochs are saved).
     """
     model.train()
     device = info.device
     n_batches = len(loader)
     last_accum_start = n_batches - (n_batches % accum_steps or accum_steps)
     total_loss, seen = 0.0, 0
+    # Losses are read back to the host every CHECK_EVERY steps, not every step: reading a GPU value
+    # waits for the GPU, and the host must keep queueing work ahead. A NaN is caught a few steps late,
+    # which costs nothing because nothing of an unfinished epoch is saved.
+    window: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, images, lr)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, total=n_batches, desc=desc, leave=False, disable=not info.is_main, dynamic_ncols=True)
@@ -148,14 +164,12 @@ def train_one_epoch(
         group = accum_steps if step < last_accum_start else n_batches - last_accum_start
         is_update = (step + 1) % accum_steps == 0 or step + 1 == n_batches
         sync = contextlib.nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
+        lr = current_lr(optimizer)
         with sync:
             with amp.autocast():
                 loss = loss_fn(model(images), targets)
-            value = float(loss.detach())
-            if not _all_finite(value, info):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(epoch, step, current_lr(optimizer), value)
             scaler.scale(loss / group).backward()
+        window.append((step, loss.detach(), len(images), lr))
         if is_update:
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
@@ -168,9 +182,17 @@ def train_one_epoch(
                 ema.update(unwrap_model(model), step=num_updates)
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
-        total_loss += value * len(images)
-        seen += len(images)
-        if info.is_main and (step % 10 == 0 or step + 1 == n_batches):
+        if len(window) >= CHECK_EVERY or step + 1 == n_batches:
+            values = torch.stack([w[1] for w in window]).float().cpu().tolist()  # one host sync
+            checked = [(w[0], v, w[2], w[3]) for w, v in zip(window, values)]
+            window.clear()
+            bad = _first_bad_step(checked, info)
+            if bad is not None:
+                optimizer.zero_grad(set_to_none=True)
+                lr = next(c[3] for c in checked if c[0] == bad[0])
+                raise NonFiniteLossError(epoch, bad[0], lr, bad[1])
+            total_loss += sum(v * n for _, v, n, _ in checked)
+            seen += sum(n for _, _, n, _ in checked)
             bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{current_lr(optimizer):.2e}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
