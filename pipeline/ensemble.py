@@ -83,6 +83,7 @@ def caruana_weights(probs: np.ndarray, y: np.ndarray, iterations: int = 50, eps:
     q = _true_class_probs(probs, y)
     counts = np.zeros(m)
     total = np.zeros(len(y))
+    best, best_loss = None, np.inf
     for _ in range(max(1, iterations)):
         n = counts.sum()
         trial = (total[:, None] + q) / (n + 1)  # (N, M): the average if model j were added
@@ -90,7 +91,10 @@ def caruana_weights(probs: np.ndarray, y: np.ndarray, iterations: int = 50, eps:
         j = int(np.argmin(losses))
         counts[j] += 1
         total += q[:, j]
-    return counts / counts.sum()
+        # Keep the best bag seen: a forced addition late in the run can make the blend worse.
+        if losses[j] < best_loss - 1e-12:
+            best, best_loss = counts.copy(), losses[j]
+    return best / best.sum()
 
 
 def fixed_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
