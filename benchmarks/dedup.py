@@ -100,6 +100,7 @@ def transforms(rng: np.random.Generator) -> dict:
         "blur": lambda im: cv2.GaussianBlur(im, (0, 0), u(0.5, 0.9)),
         "crop": lambda im: _crop(im, u(0.01, 0.025), rng),
         "rotate": lambda im: _rotate(im, u(-2, 2)),
+        "hflip": lambda im: im[:, ::-1].copy(),
     }
 
 

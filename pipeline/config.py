@@ -98,6 +98,7 @@ class DedupConfig(Section):
     thumb_size: int = Field(16, ge=4, le=128)
     align_crops: list[float] = [0.03, 0.06]  # centre crops compared too (fraction cut per side)
     align_side: float = Field(0.04, ge=0.0, lt=0.5)  # and crops of one side (0: none)
+    mirror: bool = True  # a horizontally flipped copy is a duplicate too
     policy: Literal["keep_all", "keep_one"] = "keep_all"
     conflicts: Literal["drop", "majority", "keep"] = "drop"
     workers: int = Field(2, ge=0)

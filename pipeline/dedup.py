@@ -55,7 +55,7 @@ from pipeline.errors import cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 
 DEDUP_VERSION = 1
-DETECTION_KEYS = ("phash_max_distance", "align_crops", "align_side", "min_correlation", "sure_correlation", "neighbour_ratio",
+DETECTION_KEYS = ("phash_max_distance", "align_crops", "align_side", "mirror", "min_correlation", "sure_correlation", "neighbour_ratio",
                   "neighbours", "flat_std", "flat_max_level_diff", "thumb_size")
 MAX_LISTED = 10
 MAX_ROUNDS = 4
@@ -182,7 +182,7 @@ def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = Tru
     t0 = time.perf_counter()
     n = len(table)
     fp = fingerprint_images(table["path"].tolist(), dcfg.thumb_size, workers=dcfg.workers, progress=progress,
-                            crops=alignment_crops(dcfg.align_crops, dcfg.align_side))
+                            crops=alignment_crops(dcfg.align_crops, dcfg.align_side), mirror=dcfg.mirror)
     bad = [f"{img}: {err}" for img, err in zip(table["image"], fp.errors) if err]
     if bad:
         shown = "\n  ".join(bad[:MAX_LISTED]) + (f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
@@ -193,7 +193,8 @@ def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = Tru
     hash_pairs, _ = hamming_pairs(fp.phash, dcfg.phash_max_distance, workers=max(1, dcfg.workers))
     # The nearest thumbnails give each image's look-alike level, and add candidates that pHash
     # misses (small crops and rotations move many of its 64 bits).
-    knn_idx, knn_r = nearest_neighbours(fp.thumb, dcfg.neighbours)
+    knn_idx, knn_r = nearest_neighbours(fp.thumb, dcfg.neighbours,
+                                        also=[fp.thumb.shape[1] - 1] if dcfg.mirror else [])
     cand = _merge_candidates(hash_pairs, knn_idx, knn_r, dcfg.min_correlation)
     dist = np.bitwise_count(fp.phash[cand[:, 0]] ^ fp.phash[cand[:, 1]])
     same_pixels = np.asarray(fp.pixel_hash, dtype=object)

@@ -41,7 +41,7 @@ class Fingerprints:
 
     pixel_hash: list[str]
     phash: np.ndarray  # (n,) uint64
-    thumb: np.ndarray  # (n, 1 + crops, thumb_size**2) float32, zero mean, unit norm; [:, 0] whole image
+    thumb: np.ndarray  # (n, 1 + crops [+ 1 mirrored], thumb_size**2) float32, zero mean, unit norm; [:, 0] whole
     level: np.ndarray  # (n, 2) float32: mean and standard deviation of the thumbnail in gray levels
     shape: np.ndarray  # (n, 2) int: height, width
     errors: list[str | None]
@@ -99,26 +99,28 @@ def alignment_crops(centre: Sequence[float], side: float) -> list[Crop]:
     return cuts
 
 
-def _one(path: str, thumb_size: int, crops: Sequence[Crop]) -> tuple:
+def _one(path: str, thumb_size: int, crops: Sequence[Crop], mirror: bool) -> tuple:
     try:
         rgb = read_image(path)
     except ImageReadError as exc:
-        empty = np.zeros((1 + len(crops), thumb_size * thumb_size), np.float32)
+        empty = np.zeros((1 + len(crops) + mirror, thumb_size * thumb_size), np.float32)
         return "", np.uint64(0), empty, (0.0, 0.0), (0, 0), str(exc).split(": ", 1)[-1]
     g = gray(rgb)
     t, mean, std = thumbnail(g, thumb_size)
     variants = [t] + [thumbnail(crop(g, c), thumb_size)[0] for c in crops]
+    if mirror:
+        variants.append(thumbnail(cv2.flip(g, 1), thumb_size)[0])
     return pixel_hash(rgb), phash(g), np.stack(variants), (mean, std), rgb.shape[:2], None
 
 
 def fingerprint_images(paths: Sequence[str], thumb_size: int, workers: int = 2, progress: bool = True,
-                       crops: Sequence[Crop] = ()) -> Fingerprints:
+                       crops: Sequence[Crop] = (), mirror: bool = False) -> Fingerprints:
     """Decode and fingerprint every image, ``workers`` threads at a time, with a progress bar.
 
     Threads suffice: OpenCV decoding, resizing and the DCT release the GIL.
     """
     def run(pool_map) -> list:
-        return list(tqdm(pool_map(lambda p: _one(p, thumb_size, crops), paths), total=len(paths),
+        return list(tqdm(pool_map(lambda p: _one(p, thumb_size, crops, mirror), paths), total=len(paths),
                          desc="hashing images", unit="img", disable=not progress, mininterval=0.5))
 
     if workers <= 1:
@@ -130,7 +132,8 @@ def fingerprint_images(paths: Sequence[str], thumb_size: int, workers: int = 2, 
     return Fingerprints(
         pixel_hash=[r[0] for r in results],
         phash=np.array([r[1] for r in results], dtype=np.uint64).reshape(n),
-        thumb=np.stack([r[2] for r in results]) if n else np.zeros((0, 1 + len(crops), thumb_size**2), np.float32),
+        thumb=np.stack([r[2] for r in results]) if n else np.zeros((0, 1 + len(crops) + mirror, thumb_size**2),
+                                                                    np.float32),
         level=np.array([r[3] for r in results], dtype=np.float32).reshape(n, 2),
         shape=np.array([r[4] for r in results], dtype=int).reshape(n, 2),
         errors=[r[5] for r in results],
@@ -237,12 +240,12 @@ def similarity_matrix(thumbs_a: np.ndarray, thumbs_b: np.ndarray) -> np.ndarray:
     return g
 
 
-def nearest_neighbours(thumbs: np.ndarray, k: int, shortlist: int = 48, chunk_cells: int = 1 << 24,
-                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(thumbs: np.ndarray, k: int, shortlist: int = 48, also: Sequence[int] = (),
+                       chunk_cells: int = 1 << 24, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Each image's ``k`` most similar other images.
 
-    One chunked matrix product of the whole-image thumbnails shortlists each image's
-    ``shortlist`` nearest (BLAS does the work: 27,000 images in seconds); their aligned
+    One chunked matrix product of the whole-image thumbnails (and one more per variant index in
+    ``also``, e.g. the mirrored thumbnail) shortlists each image's ``shortlist`` nearest (BLAS does the work: 27,000 images in seconds); their aligned
     similarity (``pair_correlation``) then ranks them.
 
     Returns:
@@ -259,6 +262,8 @@ def nearest_neighbours(thumbs: np.ndarray, k: int, shortlist: int = 48, chunk_ce
     rows = max(1, min(n, chunk_cells // n))
     for a, b in tqdm(list(_chunks(n, rows)), desc="neighbours", disable=not progress, leave=False):
         g = whole[a:b] @ whole.T
+        for v in also:
+            np.maximum(g, whole[a:b] @ thumbs[:, v].T, out=g)
         g[np.arange(b - a), np.arange(a, b)] = -np.inf  # not its own neighbour
         near = np.argpartition(-g, m - 1, axis=1)[:, :m]
         pairs = np.stack([np.repeat(np.arange(a, b), m), near.ravel()], axis=1)

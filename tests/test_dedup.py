@@ -108,9 +108,11 @@ def test_near_copies_of_photos_found_distinct_tiles_kept_apart(tmp_path):
     images["b_resized.jpg"] = cv2.resize(b, (70, 70), interpolation=cv2.INTER_AREA)  # resized + JPEG q60
     images["c_bright.png"] = np.clip(c.astype(int) + 25, 0, 255).astype(np.uint8)  # brighter
     images["d_crop.png"] = d[3:94, 2:95]  # a small crop
+    images["e_mirror.png"] = tiles[4][:, ::-1]  # flipped left-right
     out, report = find_duplicates(_table(tmp_path, images), DedupConfig(workers=1), progress=False)
     assert _groups(out) == {frozenset(p) for p in [("t0.png", "a_copy.bmp"), ("t1.png", "b_resized.jpg"),
-                                                   ("t2.png", "c_bright.png"), ("t3.png", "d_crop.png")]}
+                                                   ("t2.png", "c_bright.png"), ("t3.png", "d_crop.png"),
+                                                   ("t4.png", "e_mirror.png")]}
     assert report["counts"]["exact_pairs"] == 1
 
 
