@@ -6,6 +6,7 @@ Both return per-anchor class logits ``(B, A, C + 1)`` (index 0 = background), bo
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,14 @@ class SSD(nn.Module):
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def init_foreground_prior(self, prior: float = 0.01) -> None:
+        """Start every foreground sigmoid at ``prior`` (RetinaNet's init) so that focal loss is not
+        swamped by thousands of confident-looking background anchors in the first steps."""
+        for head in self.cls_heads:
+            bias = head.bias.view(self.k, self.num_classes + 1)
+            bias[:, 1:] = -math.log((1 - prior) / prior)
 
     def anchors_for(self, shapes: list[tuple[int, int]], image_hw: tuple[int, int],
                     device: torch.device) -> torch.Tensor:

@@ -122,7 +122,10 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             save_config(cfg, out_dir / "config.yaml")
             atomic_write_json(out_dir / "classes.json", {"classes": classes})
 
-        model = create_detector(cfg.model, len(classes)).to(device)
+        model = create_detector(cfg.model, len(classes))
+        if cfg.train.loss == "focal":
+            model.init_foreground_prior()
+        model = model.to(device)
         if dist.enabled:
             model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = _optimizer(model, cfg)
