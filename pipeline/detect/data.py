@@ -147,7 +147,8 @@ def load_split(cfg: DetectConfig, split: str, classes: list[str], labels_path: P
         label = str(row.label).strip()
         k = _class_index(label, classes)
         if k is None:
-            problems.append(f"{where} ({name}): unknown label {label!r}; classes are {classes}")
+            problems.append(f"{where} ({name}): unknown label {label!r}; classes are {classes} "
+                            "(from the train split, or list them all in data.classes)")
             continue
         per_image.setdefault(name, []).append((k, min(max(x0, 0), w), min(max(y0, 0), h),
                                                min(max(x1, 0), w), min(max(y1, 0), h)))
