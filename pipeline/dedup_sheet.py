@@ -38,6 +38,21 @@ def _cell(path: Path) -> np.ndarray:
     return canvas
 
 
+def _pack(groups: list[dict], width: int) -> list[list[tuple[dict, int]]]:
+    """Rows of (group, first column): groups side by side while they fit in ``width`` cells."""
+    rows: list[list[tuple[dict, int]]] = [[]]
+    used = 0
+    for g in groups:
+        cells = min(g["size"], MAX_MEMBERS)
+        if rows[-1] and used + 1 + cells > width:
+            rows.append([])
+            used = 0
+        start = used + (1 if rows[-1] else 0)  # one empty cell between groups
+        rows[-1].append((g, start))
+        used = start + cells
+    return rows
+
+
 def contact_sheet(report: dict, root: Path, out: Path, max_groups: int = 12) -> bool:
     """Draw the picked groups into ``out`` (PNG); returns False (and writes nothing) when there are none."""
     groups = pick_groups(report, max_groups)
@@ -48,27 +63,29 @@ def contact_sheet(report: dict, root: Path, out: Path, max_groups: int = 12) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(MAX_MEMBERS, max(g["size"] for g in groups))
-    fig, axes = plt.subplots(len(groups), cols, figsize=(1.6 * cols, 1.9 * len(groups)), squeeze=False)
-    for row, g in enumerate(groups):
-        tags = [t for t, on in (("CONFLICT", g["conflict"]), ("train/test", g["overlap"]),
-                                ("chained", "chained" in g)) if on]
-        title = f"group {g['group']}: {g['size']} images, {g['kind']}" + (f" [{', '.join(tags)}]" if tags else "")
-        for col in range(cols):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= min(g["size"], MAX_MEMBERS):
-                ax.axis("off")
-                continue
-            ax.imshow(_cell(root / g["images"][col]))
-            label = g["labels"][col] if g["splits"][col] == "train" else "test"
-            ax.set_xlabel(f"{Path(g['images'][col]).name}\n{label}", fontsize=7)
-            if g["conflict"] and g["splits"][col] == "train":
-                for spine in ax.spines.values():
-                    spine.set_color("red")
-                    spine.set_linewidth(2)
-        axes[row, 0].set_title(title, fontsize=8, loc="left")
+    width = max(MAX_MEMBERS, max(min(g["size"], MAX_MEMBERS) for g in groups))
+    rows = _pack(groups, width)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.5 * width, 2.0 * len(rows)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        for g, start in row:
+            tags = [t for t, on in (("CONFLICT", g["conflict"]), ("train/test", g["overlap"]),
+                                    ("chained", "chained" in g)) if on]
+            title = f"group {g['group']}: {g['size']}, {g['kind']}" + (f" [{', '.join(tags)}]" if tags else "")
+            for k in range(min(g["size"], MAX_MEMBERS)):
+                ax = axes[r, start + k]
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.imshow(_cell(root / g["images"][k]))
+                label = g["labels"][k] if g["splits"][k] == "train" else "test"
+                ax.set_xlabel(f"{Path(g['images'][k]).name}\n{label}", fontsize=7)
+                if g["conflict"] and g["splits"][k] == "train":
+                    for spine in ax.spines.values():
+                        spine.set_color("red")
+                        spine.set_linewidth(2)
+            axes[r, start].set_title(title, fontsize=7, loc="left")
     fig.tight_layout()
     atomic_save_figure(out, fig)
     plt.close(fig)
