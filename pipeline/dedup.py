@@ -59,6 +59,7 @@ DETECTION_KEYS = ("phash_max_distance", "align_crops", "align_side", "mirror", "
                   "neighbours", "flat_std", "flat_max_level_diff", "thumb_size")
 MAX_LISTED = 10
 MAX_ROUNDS = 4
+MAX_CHAIN_CHECK = 1500
 
 
 def sheet_path(cfg: Config) -> Path:
@@ -157,7 +158,13 @@ def _exact_pairs(pixel_hash: list[str]) -> np.ndarray:
 
 
 def _chained(members: np.ndarray, fp: Fingerprints, dcfg: DedupConfig) -> tuple[bool, float, list[int]]:
-    """Whether a group holds two members that are not close themselves (joined only through others)."""
+    """Whether a group holds two members that are not close themselves (joined only through others).
+
+    A huge group (thousands of blank images, say) is checked on an even sample of its members, so
+    the all-pairs matrix stays small.
+    """
+    if len(members) > MAX_CHAIN_CHECK:
+        members = members[np.linspace(0, len(members) - 1, MAX_CHAIN_CHECK).astype(int)]
     t = fp.thumb[members]
     gram = similarity_matrix(t, t)
     gram = np.maximum(gram, gram.T)
