@@ -36,7 +36,7 @@ def ours(cfg, loader, info: DistInfo, num_classes: int, epoch: int) -> float:
     optimizer = create_optimizer(model, cfg.train)
     amp = resolve_amp(cfg.train.amp, info.device)
     mixup = create_mixup(cfg.train, num_classes)
-    seed_epoch(loader, cfg.seed, epoch, 0)
+    seed_epoch(loader, epoch)
     stats = train_one_epoch(model, loader, optimizer, create_train_loss(cfg.train, mixup), epoch=epoch, info=info,
                             amp=amp, scaler=amp.grad_scaler(), mixup=mixup, desc="ours")
     return stats.images_per_s
@@ -45,7 +45,7 @@ def ours(cfg, loader, info: DistInfo, num_classes: int, epoch: int) -> float:
 def data_only(cfg, loader, num_classes: int, epoch: int, device: torch.device) -> float:
     """Images/s of loading, augmentation and Mixup alone: the overhead our loop adds."""
     mixup = create_mixup(cfg.train, num_classes)
-    seed_epoch(loader, cfg.seed, epoch, 0)
+    seed_epoch(loader, epoch)
     start, seen = time.perf_counter(), 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm.auto import tqdm
 
 from pipeline import paths
@@ -60,36 +60,59 @@ RESUME_FREE_KEYS = {"train.num_workers", "train.cache_images", "train.compile", 
 
 
 # --------------------------------------------------------------------------- data
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` from a ``DistributedSampler`` so that the dataset can seed each
+    image's augmentation by (seed, epoch, index)."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((index, self.epoch) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededAugment(Dataset):
+    """An :class:`ImageDataset` whose item ``(index, epoch)`` is augmented with generators seeded by
+    (seed, epoch, index).
+
+    albumentations 2 keeps its own random generators, which the global seeds do not reach and which
+    every DataLoader worker would otherwise copy. Seeding per image makes an epoch's augmentation
+    the same whatever the number of workers, with persistent workers, and after ``--resume``.
+    """
+
+    def __init__(self, dataset: ImageDataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        self.dataset.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+        return self.dataset[index]
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed numpy, random and the albumentations pipeline per worker.
-
-    albumentations 2 keeps its own generator (the global seeds do not reach it); without this every
-    worker would repeat the same augmentations and runs could not be reproduced.
-    """
+    """DataLoader ``worker_init_fn``: numpy and random seeded from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    transform = getattr(torch.utils.data.get_worker_info().dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
-    """Make an epoch's shuffling and augmentation a function of (seed, epoch, rank) alone.
-
-    That is what lets ``--resume`` reproduce the uninterrupted run exactly.
-    """
-    s = _epoch_seed(seed, epoch, rank)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    loader.generator.manual_seed(s)  # the workers' seeds are drawn from it
-    transform = getattr(loader.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(s)  # used when num_workers == 0
+def seed_epoch(loader: DataLoader, epoch: int) -> None:
+    """Start epoch ``epoch``: its shuffling and augmentation depend on (seed, epoch, rank) alone,
+    which is what lets ``--resume`` reproduce the uninterrupted run exactly."""
+    loader.sampler.set_epoch(epoch)
 
 
 def _preload(dataset: ImageDataset, images: list[str], what: str, show: bool) -> None:
@@ -128,12 +151,13 @@ def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, class
         _preload(train_ds, list(train_rows["image"]), "train", info.is_main)
         _preload(val_ds, list(val_rows["image"]), "validation", info.is_main)
 
-    sampler = DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=cfg.seed)
+    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
+                                              shuffle=True, seed=cfg.seed))
     common = {"num_workers": t.num_workers, "pin_memory": info.device.type == "cuda",
-              "worker_init_fn": seed_worker}
-    train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler,
-                              drop_last=len(sampler) > t.batch_size, generator=torch.Generator(), **common)
+              "worker_init_fn": seed_worker, "generator": torch.Generator().manual_seed(cfg.seed + info.rank),
+              "persistent_workers": t.num_workers > 0}
+    train_loader = DataLoader(SeededAugment(train_ds, cfg.seed), batch_size=t.batch_size, sampler=sampler,
+                              drop_last=len(sampler) > t.batch_size, **common)
     # Validation is split without padding (DistributedSampler would repeat images to even out
     # the shards), so after gathering every OOF row appears exactly once.
     val_shard = np.arange(len(val_ds))[info.rank::info.world_size]
@@ -305,7 +329,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
     try:
         for epoch in range(start_epoch, t.epochs):
             t0 = time.perf_counter()
-            seed_epoch(train_loader, cfg.seed, epoch, info.rank)
+            seed_epoch(train_loader, epoch)
             if mixup is not None and t.mixup_off_epoch and epoch >= t.mixup_off_epoch:
                 mixup.mixup_enabled = False  # still yields (smoothed) one-hot soft targets
             try:

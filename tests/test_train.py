@@ -247,3 +247,23 @@ def test_torch_compile_trains_and_saves_plain_state_dict(cfg_for):
     cfg = cfg_for()
     best = torch.load(Path(cfg.paths.runs) / cfg.experiment / "fold0" / "best.pt", weights_only=True)
     assert metrics["complete"] and not any("_orig_mod" in k for k in best["model"])
+
+
+def test_augmentation_depends_on_seed_epoch_and_image_only(make_cfg, digits_root):
+    """The same batches with 0 or 2 (persistent) workers; another epoch augments differently."""
+    from pipeline.data import load_competition
+    from pipeline.engine.distributed import DistInfo
+    from pipeline.train import build_loaders, seed_epoch
+
+    comp = load_competition(make_cfg().competition)
+    folds = comp.train.head(40)[["image", "label"]].assign(group=0, fold=[0] * 8 + [1] * 32)
+
+    def batches(workers: int, epoch: int) -> list[torch.Tensor]:
+        cfg = make_cfg("train.batch_size=8", "train.img_size=16", f"train.num_workers={workers}")
+        loader, *_ = build_loaders(cfg, folds, 0, comp.root, comp.classes, DistInfo())
+        seed_epoch(loader, epoch)
+        return [x for x, _ in loader]
+
+    in_process = batches(0, epoch=3)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, batches(2, epoch=3)))
+    assert not torch.equal(in_process[0], batches(0, epoch=4)[0])
