@@ -164,7 +164,9 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int) -> tuple[np.ndarray, li
         notes.append(f"{len(rare)} class(es) have fewer image groups than k={k} and are validated in only some "
                      f"folds: {rare[:10]}")
     fold = np.full(len(table), NEVER_VALIDATED, dtype=int)
-    splittable = ~table["label"].isin(single).to_numpy()
+    # A whole group stays together: a group holding such a class (a kept conflict) is never validated.
+    held = set(table.loc[table["label"].isin(single), "group"])
+    splittable = ~table["group"].isin(held).to_numpy()
     sub = table[splittable]
     if sub["group"].nunique() < k:
         raise PipelineError(

@@ -51,6 +51,17 @@ def test_rare_classes_are_warned_and_kept_in_training():
     assert any("solo" in n for n in notes) and any("pair" in n for n in notes)
 
 
+def test_a_group_with_a_never_validated_member_stays_together():
+    # A kept conflict: image "x" (class a) and its copy "y" labelled with a class seen nowhere else.
+    table = pd.DataFrame({
+        "image": [f"{i}.png" for i in range(30)] + ["x", "y"],
+        "label": ["a"] * 15 + ["b"] * 15 + ["a", "lonely"],
+        "group": [str(i) for i in range(30)] + ["g", "g"],
+    })
+    fold, _ = assign_folds(table, k=3, seed=0)
+    assert fold[-1] == NEVER_VALIDATED and fold[-2] == NEVER_VALIDATED
+
+
 def test_policy_drop_majority_keep_one():
     table = pd.DataFrame({
         "image": ["a", "b", "c", "d", "e", "f", "g"],
