@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--mixup", type=float, default=0.4, help="mixup and cutmix alpha in our loop (0: off)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each loop")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating rounds of each loop")
+    parser.add_argument("--batches", type=int, default=10,
+                        help="batches per round (short rounds keep the two loops close in time on a busy CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -96,6 +98,7 @@ def main() -> None:
     comp = load_competition(cfg.competition)
     # Every training image in one training split (fold 0); a few rows as a token validation fold.
     folds = pd.DataFrame({"image": comp.train["image"], "label": comp.train["label"], "group": 0, "fold": 0})
+    folds = folds.head(8 + args.batches * cfg.train.batch_size)
     folds.loc[folds.index[:8], "fold"] = 1
     loader, *_ = build_loaders(cfg, folds, 1, comp.root, comp.classes, info)
     n_batches = len(loader)
