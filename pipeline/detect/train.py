@@ -162,7 +162,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             history = list(ckpt["history"])
             best_epoch = int(ckpt.get("best_epoch", -1))
             prior_time = float(ckpt.get("train_time_s", 0.0))
-            if dist.is_main:
+            if dist.is_main and start_epoch < cfg.train.epochs:
                 print(f"resuming {out_dir} after epoch {ckpt['epoch']} (best mAP@0.5:0.95 {best:.4f})")
         if start_epoch >= cfg.train.epochs and (out_dir / "metrics.json").is_file():
             if dist.is_main:
