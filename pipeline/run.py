@@ -17,6 +17,7 @@ training is distributed; folds, prediction and ensembling run on rank 0 only.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,12 @@ def main(argv: list[str] | None = None) -> RunSummary:
     parser.add_argument("--name", help="submission file name prefix (default: ensemble.name, the experiment or 'blend')")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    return run_all(cfg, name=args.name)
+    try:
+        return run_all(cfg, name=args.name)
+    finally:
+        from pipeline.engine.distributed import DistInfo, cleanup
+
+        cleanup(DistInfo(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
 
 
 if __name__ == "__main__":
