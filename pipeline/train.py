@@ -271,11 +271,6 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
                       "writing its outputs again")
                 return _finish_fold(cfg, fold, ckpt, folds, classes)
             return {}
-    elif info.is_main and any((fold_dir / name).exists() for name in FOLD_OUTPUTS):
-        print(f"train: starting fold {fold} again; removing the earlier outputs in {fold_dir} "
-              "(use --resume to continue instead)")
-        for name in FOLD_OUTPUTS:
-            (fold_dir / name).unlink(missing_ok=True)
 
     if info.device.type == "cuda":
         # Fastest kernels on GPUs; the reproducibility promise is for the CPU.
@@ -316,6 +311,12 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
             print(f"train: resuming fold {fold} of {cfg.experiment} after epoch {start_epoch} ({last_path})")
 
     run_root = paths.run_dir(cfg)
+    if info.is_main and ckpt is None and any((fold_dir / name).exists() for name in FOLD_OUTPUTS):
+        # Only now, once every setting has proved usable, are the older outputs given up.
+        print(f"train: starting fold {fold} again; removing the earlier outputs in {fold_dir} "
+              "(use --resume to continue instead)")
+        for name in FOLD_OUTPUTS:
+            (fold_dir / name).unlink(missing_ok=True)
     if info.is_main:
         save_config(cfg, run_root / "config.yaml")
         save_classes(classes, run_root / "classes.json")
