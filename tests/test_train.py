@@ -211,6 +211,12 @@ def test_user_errors_are_one_clear_message(cfg_for, capsys):
     assert "does not exist; train fold 0 without --resume first" in capsys.readouterr().err
     assert cli_entry(main, ["--fold", "0", *argv, "--set", "model.backbone=resnet_18"]) == 2
     assert "Close timm names" in capsys.readouterr().err
+    # A setting that cannot work leaves the outputs of an earlier training of the fold alone.
+    earlier = Path(cfg.paths.runs) / cfg.experiment / "fold0" / "metrics.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    assert cli_entry(main, ["--fold", "0", *argv, "--set", "train.amp=fp16"]) == 2
+    assert "fp16 needs a CUDA GPU" in capsys.readouterr().err and earlier.is_file()
 
 
 def test_ddp_two_processes_gloo_every_oof_row_once(cfg_for, tmp_path):
