@@ -53,3 +53,14 @@ def make_cfg(tmp_path, digits_root):
         return load_config(config or REPO / "configs" / "default.yaml", base + list(overrides))
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_not_leaked():
+    """A stage that switches autograd off globally breaks every later training in the process."""
+    import torch
+
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left torch autograd disabled globally (use a no_grad/inference_mode context)")

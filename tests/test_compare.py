@@ -232,7 +232,7 @@ def test_wandb_offline_runs_are_read_without_network(make_cfg):
         runs = find_wandb_runs(run_root)
     assert [w.name for w in runs] == ["wb-fold0", "wb-fold1"]
     w0 = runs[0]
-    assert (w0.group, w0.job_type, w0.config["fold"], w0.config["model"]["backbone"]) == ("wb", "train", 0, "resnet18")
+    assert (w0.group, w0.job_type, w0.config["fold"], w0.config["model"]["backbone"]) == ("wb", "train", 0, cfg.model.backbone)
     assert w0.summary["best_val_acc"] == pytest.approx(0.6) and w0.summary["val_acc"] == pytest.approx(0.5)
     assert w0.finished and w0.offline and not w0.synced
 

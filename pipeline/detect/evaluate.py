@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--picture", type=int, default=8, help="images in eval_<split>.png (0: none)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, DetectConfig)
-    torch.set_grad_enabled(False)
-    return evaluate(cfg, args.split, args.predictions, args.checkpoint, args.picture)
+    with torch.no_grad():  # a context, not a global switch: callers may train afterwards
+        return evaluate(cfg, args.split, args.predictions, args.checkpoint, args.picture)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     args = parser.parse_args(argv)
     cfg = config_from_args(args, DetectConfig)
-    torch.set_grad_enabled(False)
-    return predict(cfg, args.split, args.draw, args.checkpoint)
+    with torch.no_grad():  # a context, not a global switch: callers may train afterwards
+        return predict(cfg, args.split, args.draw, args.checkpoint)
 
 
 if __name__ == "__main__":
