@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job on the embedded default: every stage for the default experiment (resnet10t),
+# then a second architecture (resnet18), whose ensemble step blends both into one submission.
 demo: setup
 	$(BIN)/python -m pipeline.run
+	$(BIN)/python -m pipeline.run --config configs/digits_resnet18.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
