@@ -206,19 +206,13 @@ class WandbConfig(Section):
     tags: list[str] = []
 
 
-class Config(Section):
-    experiment: str = "digits_resnet18"
+class RunConfig(Section):
+    """What every run config has, classification and detection alike."""
+
+    experiment: str = "run"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     paths: PathsConfig = PathsConfig()
-    competition: CompetitionConfig = CompetitionConfig()
-    dedup: DedupConfig = DedupConfig()
-    folds: FoldsConfig = FoldsConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    tta: list[TtaName] = ["identity"]
-    predict: PredictConfig = PredictConfig()
-    ensemble: EnsembleConfig = EnsembleConfig()
     wandb: WandbConfig = WandbConfig()
 
     @field_validator("experiment")
@@ -228,6 +222,18 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+class Config(RunConfig):
+    experiment: str = "digits_resnet18"
+    competition: CompetitionConfig = CompetitionConfig()
+    dedup: DedupConfig = DedupConfig()
+    folds: FoldsConfig = FoldsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tta: list[TtaName] = ["identity"]
+    predict: PredictConfig = PredictConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

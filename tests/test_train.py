@@ -28,13 +28,6 @@ TECHNIQUES = ["train.ema=true", "train.ema_decay=0.9", "train.mixup_alpha=0.4", 
               "train.clip_grad=5.0", "model.head_lr_mult=3.0", "model.drop_rate=0.1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on two cores shared with other jobs spin-wait badly (20x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,6 @@ from pipeline.errors import PipelineError
 CPU = DistInfo()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on two cores shared with other jobs spin-wait badly (20x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_model(num_classes: int = 4) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config import PathsConfig, Section, WandbConfig
+from pipeline.config import RunConfig, Section
 
 DEFAULT_DETECT_CONFIG = "configs/banana_ssd.yaml"
 
@@ -95,24 +95,10 @@ class DetectPredictConfig(Section):
     draw_max: int = Field(16, ge=1)
 
 
-class DetectConfig(Section):
+class DetectConfig(RunConfig):
     experiment: str = "shapes_tinyssd"
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    paths: PathsConfig = PathsConfig()
     data: DetectDataConfig = DetectDataConfig()
     model: DetectModelConfig = DetectModelConfig()
     train: DetectTrainConfig = DetectTrainConfig()
     post: DetectPostConfig = DetectPostConfig()
     predict: DetectPredictConfig = DetectPredictConfig()
-    wandb: WandbConfig = WandbConfig()
-
-    @field_validator("experiment")
-    @classmethod
-    def _experiment_is_a_folder_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
-        return v
-
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
