@@ -276,12 +276,13 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
         # Fastest kernels on GPUs; the reproducibility promise is for the CPU.
         torch.backends.cudnn.benchmark = True
     amp = resolve_amp(t.amp, info.device)
+    # The model first: a bad backbone name or weights file fails before minutes of image caching.
+    bare, model, eval_model, ema = build_model(cfg, len(classes), info)
     train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(
         cfg, folds, fold, comp.root, classes, info)
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise PipelineError(f"fold {fold} has {len(train_rows)} training and {len(val_rows)} validation images; "
                             "use fewer folds (folds.k)")
-    bare, model, eval_model, ema = build_model(cfg, len(classes), info)
     optimizer = create_optimizer(bare, t, cfg.model.head_lr_mult)
     n_updates = updates_per_epoch(len(train_loader), t.accum_steps)
     scheduler = create_scheduler(optimizer, t, n_updates)
