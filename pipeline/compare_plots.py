@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.compare import RunRecord, summarize
+from pipeline.compare_records import RunRecord, summarize
 from pipeline.io import atomic_save_figure
 
 MAX_EXPERIMENTS = 12  # beyond this the per-experiment rows stop being readable; pick with names/--where
@@ -111,8 +111,8 @@ def plot_runs(runs: list[RunRecord], table: pd.DataFrame | None = None, path: st
     """Learning curves (one row per experiment) above a CV bar chart; saved atomically when ``path`` is given.
 
     Args:
-        runs: from :func:`pipeline.compare.load_runs`, in the order to show.
-        table: the matching :func:`pipeline.compare.summarize` table (computed when omitted).
+        runs: from :func:`pipeline.compare_records.load_runs`, in the order to show.
+        table: the matching :func:`pipeline.compare_records.summarize` table (computed when omitted).
         path: image file to write (format from the suffix).
     """
     if len(runs) > MAX_EXPERIMENTS:

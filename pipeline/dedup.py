@@ -62,10 +62,6 @@ MAX_ROUNDS = 4
 MAX_CHAIN_CHECK = 1500
 
 
-def sheet_path(cfg: Config) -> Path:
-    return paths.work_dir(cfg) / "dedup_sheet.png"
-
-
 def detection_settings(dcfg: DedupConfig) -> dict:
     """The settings that change which images are grouped (not the training policy)."""
     return {"version": DEDUP_VERSION, **{k: getattr(dcfg, k) for k in DETECTION_KEYS}}
@@ -291,7 +287,7 @@ def run_dedup(cfg: Config, quiet: bool = False) -> pd.DataFrame:
     table = comp.all_images()
     started = time.perf_counter()
     out, report = find_duplicates(table, cfg.dedup, progress=not quiet)
-    sheet = sheet_path(cfg)
+    sheet = paths.dedup_sheet(cfg)
     shown = contact_sheet(report, comp.root, sheet, max_groups=cfg.dedup.sheet_groups)
     report = {
         "competition": cfg.competition.slug, "root": str(comp.root),

@@ -32,7 +32,7 @@ from pipeline import paths
 from pipeline.config import Config, add_config_args, config_from_args
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import read_json
-from pipeline.tta import accuracy, log_loss
+from pipeline.metrics import accuracy, log_loss
 
 ENSEMBLE_RUN_DIR = "_ensemble"  # W&B records of blends; not an experiment (it has no config.yaml)
 
@@ -142,7 +142,7 @@ class ExperimentPredictions:
 
 def _experiment_config(run: Path) -> dict[str, Any] | None:
     try:
-        data = yaml.safe_load((run / "config.yaml").read_text())
+        data = yaml.safe_load((run / paths.CONFIG).read_text())
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
@@ -167,7 +167,7 @@ def missing_predictions(cfg: Config, name: str) -> list[str]:
     missing = []
     for k in experiment_folds(cfg, name):
         d = paths.fold_dir(cfg, k, name)
-        missing += [f"fold{k}/{f}" for f in ("oof.csv", "test.csv") if not (d / f).is_file()]
+        missing += [f"{paths.fold_name(k)}/{f}" for f in (paths.OOF, paths.TEST) if not (d / f).is_file()]
     return missing
 
 
@@ -205,18 +205,18 @@ def _read_probs(path: Path, classes: list[str], with_label: bool) -> pd.DataFram
 def load_experiment(cfg: Config, name: str) -> ExperimentPredictions:
     """Read all folds of one experiment: OOF (with and without TTA) and fold-averaged test probabilities."""
     run = paths.run_dir(cfg, name)
-    if not (run / "classes.json").is_file():
+    if not (run / paths.CLASSES).is_file():
         raise PipelineError(f"{run}/classes.json is missing; train experiment {name!r} first")
-    classes = list(read_json(run / "classes.json")["classes"])
+    classes = list(read_json(run / paths.CLASSES)["classes"])
     folds = experiment_folds(cfg, name)
     oofs, oof_ttas, tests, tta = [], [], [], []
     for k in folds:
         d = paths.fold_dir(cfg, k, name)
-        oofs.append(_read_probs(d / "oof.csv", classes, True))
-        oof_ttas.append(_read_probs(d / "oof_tta.csv", classes, True) if (d / "oof_tta.csv").is_file() else None)
-        tests.append(_read_probs(d / "test.csv", classes, False).set_index("image"))
-        if (d / "predict.json").is_file():
-            tta = list(read_json(d / "predict.json").get("tta", []))
+        oofs.append(_read_probs(d / paths.OOF, classes, True))
+        oof_ttas.append(_read_probs(d / paths.OOF_TTA, classes, True) if (d / paths.OOF_TTA).is_file() else None)
+        tests.append(_read_probs(d / paths.TEST, classes, False).set_index("image"))
+        if (d / paths.PREDICT).is_file():
+            tta = list(read_json(d / paths.PREDICT).get("tta", []))
     oof = pd.concat(oofs, ignore_index=True).sort_values("image", ignore_index=True)
     if oof["image"].duplicated().any():
         dup = oof.loc[oof["image"].duplicated(), "image"].iloc[0]
@@ -243,7 +243,7 @@ def inputs_fingerprint(cfg: Config, names: list[str]) -> str:
                          "competition": cfg.competition.model_dump(mode="json")}, sort_keys=True).encode())
     for name in sorted(names):
         for k in experiment_folds(cfg, name):
-            for f in ("oof.csv", "oof_tta.csv", "test.csv"):
+            for f in (paths.OOF, paths.OOF_TTA, paths.TEST):
                 p = paths.fold_dir(cfg, k, name) / f
                 st = p.stat() if p.is_file() else None
                 h.update(f"{name}/{k}/{f}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())

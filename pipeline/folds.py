@@ -55,10 +55,6 @@ def _file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def folds_json_path(cfg: Config) -> Path:
-    return paths.work_dir(cfg) / "folds.json"
-
-
 def _settings(cfg: Config, train: pd.DataFrame) -> dict:
     """What folds.csv depends on; a mismatch with folds.json means it must be made again."""
     return {
@@ -226,7 +222,7 @@ def make_folds(cfg: Config, quiet: bool = False) -> pd.DataFrame:
         warn(note)
     out = paths.folds_csv(cfg)
     atomic_write_csv(out, folds)
-    atomic_write_json(folds_json_path(cfg), {**settings, "policy_stats": stats, "n_images": len(folds),
+    atomic_write_json(paths.folds_json(cfg), {**settings, "policy_stats": stats, "n_images": len(folds),
                                              "n_groups": int(folds["group"].nunique()), "notes": notes})
     if not quiet:
         dropped = stats["n_in"] - stats["n_out"]
@@ -249,7 +245,7 @@ def folds_are_current(cfg: Config) -> bool:
     """Whether folds.csv exists and was made from the current inputs with the current settings."""
     from pipeline.data import load_competition
 
-    csv, meta = paths.folds_csv(cfg), folds_json_path(cfg)
+    csv, meta = paths.folds_csv(cfg), paths.folds_json(cfg)
     if not (csv.is_file() and meta.is_file()):
         return False
     try:

@@ -1,34 +1,72 @@
-"""Where each stage reads and writes (design.md, "Files between stages")."""
+"""Where each stage reads and writes (README, "Files between stages").
+
+Every file name between stages is spelled here once; the stage that writes a file also decides
+whether it is current (``train.fold_is_current``, ``predict.prediction_is_current``,
+``ensemble.latest_matching_submission``). Functions take any run config that has ``paths`` and
+``experiment`` (classification and detection alike).
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import Config
+# runs/<experiment>/
+CONFIG = "config.yaml"
+CLASSES = "classes.json"
+# runs/<experiment>/fold<K>/ (detection keeps the same names at the top of its run folder)
+BEST = "best.pt"
+LAST = "last.pt"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+OOF = "oof.csv"
+TEST = "test.csv"
+OOF_TTA = "oof_tta.csv"
+PREDICT = "predict.json"
+DETECTIONS = "predictions.csv"
+# every file a fold's training makes or that was made from its weights (removed on a retrain)
+FOLD_OUTPUTS = (BEST, LAST, HISTORY, OOF, METRICS, TEST, OOF_TTA, PREDICT)
 
 
-def work_dir(cfg: Config) -> Path:
+def checkpoint_name(which: str) -> str:
+    """``best`` or ``last`` -> the checkpoint's file name."""
+    return {"best": BEST, "last": LAST}[which]
+
+
+def work_dir(cfg: Any) -> Path:
     return Path(cfg.paths.work) / cfg.competition.slug
 
 
-def dedup_csv(cfg: Config) -> Path:
+def dedup_csv(cfg: Any) -> Path:
     return work_dir(cfg) / "dedup.csv"
 
 
-def dedup_report(cfg: Config) -> Path:
+def dedup_report(cfg: Any) -> Path:
     return work_dir(cfg) / "dedup_report.json"
 
 
-def folds_csv(cfg: Config) -> Path:
+def dedup_sheet(cfg: Any) -> Path:
+    return work_dir(cfg) / "dedup_sheet.png"
+
+
+def folds_csv(cfg: Any) -> Path:
     return work_dir(cfg) / "folds.csv"
 
 
-def run_dir(cfg: Config, experiment: str | None = None) -> Path:
+def folds_json(cfg: Any) -> Path:
+    return work_dir(cfg) / "folds.json"
+
+
+def run_dir(cfg: Any, experiment: str | None = None) -> Path:
     return Path(cfg.paths.runs) / (experiment or cfg.experiment)
 
 
-def fold_dir(cfg: Config, fold: int, experiment: str | None = None) -> Path:
-    return run_dir(cfg, experiment) / f"fold{fold}"
+def fold_dir(cfg: Any, fold: int, experiment: str | None = None) -> Path:
+    return run_dir(cfg, experiment) / fold_name(fold)
 
 
-def submissions_dir(cfg: Config) -> Path:
+def fold_name(fold: int) -> str:
+    return f"fold{fold}"
+
+
+def submissions_dir(cfg: Any) -> Path:
     return Path(cfg.paths.submissions)

@@ -30,7 +30,8 @@ from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
-from pipeline.tta import accuracy, build_views, flips_allowed, log_loss, merge_log_probs, predict_views
+from pipeline.metrics import accuracy, log_loss
+from pipeline.tta import build_views, flips_allowed, merge_log_probs, predict_views
 
 PREDICT_VERSION = 1
 
@@ -76,19 +77,19 @@ def _settings(cfg: Config, train_cfg: Config, best: Path, test_images: list[str]
 def prediction_is_current(cfg: Config, fold: int) -> bool:
     """Whether fold ``fold`` of ``cfg.experiment`` has TTA outputs made from its checkpoint with these settings."""
     d = paths.fold_dir(cfg, fold)
-    files = [d / f for f in ("predict.json", "test.csv", "oof_tta.csv", "best.pt")]
+    files = [d / f for f in (paths.PREDICT, paths.TEST, paths.OOF_TTA, paths.BEST)]
     if not all(f.is_file() for f in files):
         return False
     try:
-        recorded = read_json(d / "predict.json").get("settings", {})
-        ckpt_cfg = yaml.safe_load((paths.run_dir(cfg) / "config.yaml").read_text())
+        recorded = read_json(d / paths.PREDICT).get("settings", {})
+        ckpt_cfg = yaml.safe_load((paths.run_dir(cfg) / paths.CONFIG).read_text())
         train_cfg = build_config(ckpt_cfg) if isinstance(ckpt_cfg, dict) else cfg
     except (OSError, ValueError, ConfigError, yaml.YAMLError):
         return False
     from pipeline.data import load_competition
 
     test_images = load_competition(cfg.competition).test["image"].tolist()
-    return recorded == _settings(cfg, train_cfg, d / "best.pt", test_images)
+    return recorded == _settings(cfg, train_cfg, d / paths.BEST, test_images)
 
 
 def _loader(image_paths: list[str], transform, cfg: Config, device: torch.device) -> torch.utils.data.DataLoader:
@@ -113,7 +114,7 @@ def load_fold_model(cfg: Config, fold: int, device: torch.device) -> tuple[torch
     from pipeline.models import create_classifier
 
     d = paths.fold_dir(cfg, fold)
-    best = d / "best.pt"
+    best = d / paths.BEST
     if not best.is_file():
         raise PipelineError(f"{best} does not exist; train the fold first: python -m pipeline.train --fold {fold}"
                             f" --set experiment={cfg.experiment}")
@@ -123,7 +124,7 @@ def load_fold_model(cfg: Config, fold: int, device: torch.device) -> tuple[torch
             raise PipelineError(f"{best} has no {key!r} entry; it was not written by pipeline.train: retrain the fold")
     train_cfg = _training_config(ckpt, cfg, best)
     classes = list(ckpt["classes"])
-    metrics = read_json(d / "metrics.json") if (d / "metrics.json").is_file() else {}
+    metrics = read_json(d / paths.METRICS) if (d / paths.METRICS).is_file() else {}
     # EMA weights only when training judged them better (metrics.used_ema), so OOF and TTA OOF match.
     use_ema = cfg.predict.use_ema and ckpt.get("ema") is not None and bool(metrics.get("used_ema", True))
     state = ckpt["ema"] if use_ema else ckpt["model"]
@@ -147,11 +148,11 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
 
     d = paths.fold_dir(cfg, fold)
     if not force and prediction_is_current(cfg, fold):
-        info = read_json(d / "predict.json")
+        info = read_json(d / paths.PREDICT)
         if not quiet:
-            print(f"predict fold{fold}: up to date ({d}/test.csv); --force to redo")
+            print(f"predict fold{fold}: up to date ({d / paths.TEST}); --force to redo")
         return info
-    oof_path = d / "oof.csv"
+    oof_path = d / paths.OOF
     if not oof_path.is_file():
         raise PipelineError(f"{oof_path} does not exist; the fold's training did not finish: "
                             f"python -m pipeline.train --fold {fold} --set experiment={cfg.experiment}")
@@ -187,8 +188,8 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
     p_test = merge_log_probs(logp_test, cfg.predict.tta_merge).double().numpy()
     per_view = {v.name: accuracy(logp_oof[i].double().exp().numpy(), y) for i, v in enumerate(views)}
 
-    atomic_write_csv(d / "oof_tta.csv", _prob_frame(oof["image"].tolist(), p_tta, classes, oof["label"].tolist()))
-    atomic_write_csv(d / "test.csv", _prob_frame(comp.test["image"].tolist(), p_test, classes))
+    atomic_write_csv(d / paths.OOF_TTA, _prob_frame(oof["image"].tolist(), p_tta, classes, oof["label"].tolist()))
+    atomic_write_csv(d / paths.TEST, _prob_frame(comp.test["image"].tolist(), p_test, classes))
     info = {
         "tta": [v.name for v in views],
         "merge": cfg.predict.tta_merge,
@@ -201,9 +202,9 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
         "weights": weights,
         "dropped_views": dropped,
         "oof_acc_per_view": per_view,
-        "settings": _settings(cfg, train_cfg, d / "best.pt", comp.test["image"].tolist()),
+        "settings": _settings(cfg, train_cfg, d / paths.BEST, comp.test["image"].tolist()),
     }
-    atomic_write_json(d / "predict.json", info)
+    atomic_write_json(d / paths.PREDICT, info)
     if not quiet:
         print(f"predict fold{fold}: {len(views)} view(s) [{', '.join(info['tta'])}], {cfg.predict.tta_merge} merge; "
               f"OOF acc {info['oof_acc']:.4f} -> {info['oof_acc_tta']:.4f}, log loss {info['oof_logloss']:.4f} -> "
@@ -213,7 +214,7 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
 
 def run_folds(cfg: Config) -> list[int]:
     """The folds of ``cfg.experiment``: ``folds.k`` of its saved config (else of ``cfg``)."""
-    saved = paths.run_dir(cfg) / "config.yaml"
+    saved = paths.run_dir(cfg) / paths.CONFIG
     k = cfg.folds.k
     if saved.is_file():
         data = yaml.safe_load(saved.read_text()) or {}

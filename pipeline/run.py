@@ -63,12 +63,12 @@ def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, 
         (current, reason): the reason says why a fold must be (re)trained.
     """
     run, d = paths.run_dir(cfg), paths.fold_dir(cfg, fold)
-    for f in (d / "metrics.json", d / "best.pt", d / "oof.csv", run / "config.yaml"):
+    for f in (d / paths.METRICS, d / paths.BEST, d / paths.OOF, run / paths.CONFIG):
         if not f.is_file():
             return False, f"no {f.name}"
     try:
-        metrics = read_json(d / "metrics.json")
-        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        metrics = read_json(d / paths.METRICS)
+        saved = yaml.safe_load((run / paths.CONFIG).read_text()) or {}
     except (OSError, ValueError, yaml.YAMLError):
         return False, "unreadable metrics.json or config.yaml"
     if not metrics.get("complete"):
@@ -76,7 +76,7 @@ def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, 
     if _training_part(saved) != _training_part(cfg.to_dict()):
         changed = [k for k in TRAINING_KEYS if saved.get(k) != cfg.to_dict().get(k)]
         return False, f"config changed ({', '.join(changed)})"
-    oof_images = set(pd.read_csv(d / "oof.csv", usecols=["image"], dtype=str, keep_default_na=False)["image"])
+    oof_images = set(pd.read_csv(d / paths.OOF, usecols=["image"], dtype=str, keep_default_na=False)["image"])
     if oof_images != set(folds.loc[folds["fold"] == fold, "image"]):
         return False, "folds.csv changed"
     return True, "complete"
@@ -140,7 +140,7 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
         trained.append(k)
     accs = []
     for k in ks:
-        m = paths.fold_dir(cfg, k) / "metrics.json"
+        m = paths.fold_dir(cfg, k) / paths.METRICS
         accs.append(read_json(m).get("val_acc", float("nan")) if m.is_file() else float("nan"))
     say(f"[2/4] train       {cfg.experiment}: {len(trained)} fold(s) trained, {len(skipped)} up to date; "
         f"fold val acc {' '.join(f'{a:.4f}' for a in accs)} ({_fmt_time(time.time() - t)})")

@@ -52,8 +52,6 @@ from pipeline.models import create_classifier
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr",
                    "images_per_s", "epoch_time_s"]
 # A fresh start removes these: outputs of an older model of the fold (predict's too) would be stale.
-FOLD_OUTPUTS = ["best.pt", "last.pt", "history.csv", "oof.csv", "metrics.json", "test.csv", "oof_tta.csv",
-                "predict.json"]
 # Keys that may differ between a run and its --resume: they change neither the math nor the data order.
 RESUME_FREE_KEYS = {"train.num_workers", "train.cache_images", "train.compile", "train.early_stopping_patience",
                     "device", "wandb", "paths", "predict", "ensemble", "tta"}
@@ -242,7 +240,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
     t = cfg.train
     metric = cfg.competition.metric
     fold_dir = paths.fold_dir(cfg, fold)
-    last_path, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    last_path, best_path = fold_dir / paths.LAST, fold_dir / paths.BEST
     config_dict = cfg.to_dict()
 
     from pipeline.folds import ensure_folds  # the folds stage owns folds.csv
@@ -312,15 +310,15 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
             print(f"train: resuming fold {fold} of {cfg.experiment} after epoch {start_epoch} ({last_path})")
 
     run_root = paths.run_dir(cfg)
-    if info.is_main and ckpt is None and any((fold_dir / name).exists() for name in FOLD_OUTPUTS):
+    if info.is_main and ckpt is None and any((fold_dir / name).exists() for name in paths.FOLD_OUTPUTS):
         # Only now, once every setting has proved usable, are the older outputs given up.
         print(f"train: starting fold {fold} again; removing the earlier outputs in {fold_dir} "
               "(use --resume to continue instead)")
-        for name in FOLD_OUTPUTS:
+        for name in paths.FOLD_OUTPUTS:
             (fold_dir / name).unlink(missing_ok=True)
     if info.is_main:
-        save_config(cfg, run_root / "config.yaml")
-        save_classes(classes, run_root / "classes.json")
+        save_config(cfg, run_root / paths.CONFIG)
+        save_classes(classes, run_root / paths.CLASSES)
         fold_dir.mkdir(parents=True, exist_ok=True)
         print(f"train: fold {fold} of {cfg.experiment}: {cfg.model.backbone}, {len(train_rows)} train / "
               f"{len(val_rows)} validation images, {len(classes)} classes, {t.epochs} epochs on {info.device}"
@@ -384,7 +382,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
                     "best_probs": torch.from_numpy(np.asarray(best["probs"], np.float32)),
                     "finished": finished, "world_size": info.world_size,
                 })
-                atomic_write_csv(fold_dir / "history.csv", pd.DataFrame(history, columns=HISTORY_COLUMNS))
+                atomic_write_csv(fold_dir / paths.HISTORY, pd.DataFrame(history, columns=HISTORY_COLUMNS))
                 wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=epoch)
                 ema_note = f" ema_val_acc {ema_res.accuracy:.4f}" if ema_res is not None else ""
                 tqdm.write(f"fold {fold} epoch {epoch + 1}/{t.epochs}: train_loss {stats.loss:.4f} "
@@ -420,7 +418,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
         raise PipelineError(f"{fold_dir / 'last.pt'} holds {len(probs)} validation rows but folds.csv has "
                             f"{len(val_rows)} in fold {fold}; folds.csv changed since, train the fold again")
     oof = pd.concat([val_rows[["image", "label"]], pd.DataFrame(probs, columns=classes)], axis=1)
-    atomic_write_csv(fold_dir / "oof.csv", oof)
+    atomic_write_csv(fold_dir / paths.OOF, oof)
     history = pd.DataFrame(ckpt["history"], columns=HISTORY_COLUMNS)
     used_ema = bool(ckpt["used_ema"])
     index = {c: i for i, c in enumerate(classes)}
@@ -438,7 +436,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
         "images_per_s": float(history["images_per_s"].mean()),
         "complete": True,
     }
-    atomic_write_json(fold_dir / "metrics.json", metrics)
+    atomic_write_json(fold_dir / paths.METRICS, metrics)
     print(f"train: fold {fold} done: best epoch {metrics['best_epoch'] + 1}, val_acc {metrics['val_acc']:.4f}, "
           f"val_loss {metrics['val_loss']:.4f}{' (EMA weights)' if used_ema else ''}; outputs in {fold_dir}")
     return metrics

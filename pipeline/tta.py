@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -217,12 +216,3 @@ def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[Vie
         return torch.empty(len(views), 0, 0)
     return torch.cat(out, dim=1)
 
-
-def log_loss(probs: np.ndarray, targets: np.ndarray, eps: float = 1e-15) -> float:
-    """Mean negative log-likelihood of the true class (probabilities clipped to [eps, 1])."""
-    p = np.clip(probs[np.arange(len(targets)), targets], eps, 1.0)
-    return float(-np.log(p).mean())
-
-
-def accuracy(probs: np.ndarray, targets: np.ndarray) -> float:
-    return float((probs.argmax(1) == targets).mean())

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.ensemble import blend, caruana_weights, choose_weights, fixed_weights, optimize_weights
 from pipeline.errors import PipelineError
-from pipeline.tta import log_loss
+from pipeline.metrics import log_loss
 
 
 def _models(seed: int = 0, n: int = 600, c: int = 5):

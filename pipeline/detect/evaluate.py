@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import paths
 from pipeline.config import add_config_args, config_from_args
 from pipeline.data.images import read_image
 from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
@@ -76,7 +77,7 @@ def evaluate(cfg: DetectConfig, split: str | None = None, predictions: str | Pat
     out_dir = run_dir(cfg)
     device = resolve_device(cfg.device)
     if predictions is not None:
-        classes = read_json(out_dir / "classes.json")["classes"] if (out_dir / "classes.json").is_file() \
+        classes = read_json(out_dir / paths.CLASSES)["classes"] if (out_dir / paths.CLASSES).is_file() \
             else None
         if classes is None:
             from pipeline.detect.data import class_names

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline import paths
 from pipeline.detect.config import DetectConfig
 from pipeline.detect.data import DetectionDataset, Split, collate, eval_transform
 from pipeline.detect.metrics import ImageBoxes
@@ -21,7 +22,7 @@ from pipeline.errors import PipelineError
 
 
 def run_dir(cfg: DetectConfig) -> Path:
-    return Path(cfg.paths.runs) / cfg.experiment
+    return paths.run_dir(cfg)
 
 
 def autocast(device: torch.device, amp: str):
@@ -77,15 +78,15 @@ def load_trained(cfg: DetectConfig, which: str = "best", device: torch.device | 
     from pipeline.config import build_config
 
     folder = run_dir(cfg)
-    ckpt = load_checkpoint(folder / f"{which}.pt", map_location="cpu")
+    ckpt = load_checkpoint(folder / paths.checkpoint_name(which), map_location="cpu")
     classes = list(ckpt["classes"])
-    trained = build_config(ckpt["config"], DetectConfig, source=str(folder / f"{which}.pt"))
+    trained = build_config(ckpt["config"], DetectConfig, source=str(folder / paths.checkpoint_name(which)))
     model = create_detector(trained.model, len(classes))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise PipelineError(f"{folder / (which + '.pt')} does not fit the model it names ({exc}); train again") from None
-    saved = folder / "classes.json"
+        raise PipelineError(f"{folder / paths.checkpoint_name(which)} does not fit the model it names ({exc}); train again") from None
+    saved = folder / paths.CLASSES
     if saved.is_file() and json.loads(saved.read_text())["classes"] != classes:
         raise PipelineError(f"{saved} and {which}.pt disagree about the classes; train the run again")
     return model.to(device).eval(), classes, trained

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline import paths
 from pipeline.config import add_config_args, config_from_args
 from pipeline.data.images import read_image
 from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
@@ -45,12 +46,12 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
             rows.append((name, classes[int(lab)], round(float(s), 5), *(round(float(v), 2) for v in b)))
     table = pd.DataFrame(rows, columns=PRED_COLUMNS)
     out_dir = run_dir(cfg)
-    atomic_write_csv(out_dir / "predictions.csv", table)
+    atomic_write_csv(out_dir / paths.DETECTIONS, table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sub = Path(cfg.paths.submissions) / f"{cfg.experiment}_{stamp}.csv"
     atomic_write_csv(sub, table, overwrite=False)
     atomic_write_json(sub.with_suffix(".json"), {
-        "experiment": cfg.experiment, "checkpoint": str(out_dir / f"{which}.pt"), "split": split,
+        "experiment": cfg.experiment, "checkpoint": str(out_dir / paths.checkpoint_name(which)), "split": split,
         "n_images": len(data.images), "n_detections": len(table), "classes": classes,
         "score_threshold": cfg.post.score_threshold, "nms_iou": cfg.post.nms_iou,
         "class_agnostic_nms": cfg.post.class_agnostic, "img_size": cfg.model.img_size,

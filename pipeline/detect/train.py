@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from pipeline import paths
 from pipeline.config import add_config_args, config_from_args, save_config
 from pipeline.detect.boxes import targets_for
 from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
@@ -110,7 +111,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             ensure_dataset(cfg)
             if fresh and out_dir.exists():
                 shutil.rmtree(out_dir)
-            if not resume and (out_dir / "last.pt").is_file():
+            if not resume and (out_dir / paths.LAST).is_file():
                 raise PipelineError(f"{out_dir} already holds a run; pass --fresh to start over or choose "
                                     "another --set experiment=NAME")
         barrier(dist)
@@ -119,8 +120,8 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
         train_split = load_split(cfg, cfg.data.train, classes)
         val_split = load_split(cfg, cfg.data.val, classes)
         if dist.is_main:
-            save_config(cfg, out_dir / "config.yaml")
-            atomic_write_json(out_dir / "classes.json", {"classes": classes})
+            save_config(cfg, out_dir / paths.CONFIG)
+            atomic_write_json(out_dir / paths.CLASSES, {"classes": classes})
 
         model = create_detector(cfg.model, len(classes))
         if cfg.train.loss == "focal":
@@ -147,7 +148,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                                  cfg.train.focal_gamma, cfg.train.box_loss, cfg.train.box_weight)
 
         start_epoch, best, best_epoch, history, prior_time = 0, -1.0, -1, [], 0.0
-        last = out_dir / "last.pt"
+        last = out_dir / paths.LAST
         if resume and last.is_file():
             ckpt = load_checkpoint(last, map_location=device)
             if ckpt["config"]["model"] != cfg.model.model_dump(mode="json") or ckpt["classes"] != classes:
@@ -164,10 +165,10 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             prior_time = float(ckpt.get("train_time_s", 0.0))
             if dist.is_main and start_epoch < cfg.train.epochs:
                 print(f"resuming {out_dir} after epoch {ckpt['epoch']} (best mAP@0.5:0.95 {best:.4f})")
-        if start_epoch >= cfg.train.epochs and (out_dir / "metrics.json").is_file():
+        if start_epoch >= cfg.train.epochs and (out_dir / paths.METRICS).is_file():
             if dist.is_main:
                 print(f"{out_dir} is already trained for {cfg.train.epochs} epochs; --fresh starts over")
-            return read_json(out_dir / "metrics.json")
+            return read_json(out_dir / paths.METRICS)
 
         run = start_run(cfg.wandb, out_dir, name=cfg.experiment, group=cfg.experiment, job_type="detect-train",
                         config=cfg.to_dict(), enabled=dist.is_main)
@@ -195,7 +196,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                 if metrics_val["map_50_95"] > best:
                     best, best_epoch = metrics_val["map_50_95"], epoch
                     if dist.is_main:
-                        save_checkpoint(out_dir / "best.pt", _state(model, cfg, classes, epoch, best))
+                        save_checkpoint(out_dir / paths.BEST, _state(model, cfg, classes, epoch, best))
             history.append(row)
             elapsed = prior_time + time.perf_counter() - t0
             if dist.is_main:
@@ -203,7 +204,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                                              scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                                              rng=rng_state(), history=history, best_epoch=best_epoch,
                                              train_time_s=elapsed))
-                atomic_write_csv(out_dir / "history.csv", pd.DataFrame(history))
+                atomic_write_csv(out_dir / paths.HISTORY, pd.DataFrame(history))
                 run.log({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}, step=epoch)
                 print(f"epoch {epoch:3d}  loss {row['train_loss']:.3f} (cls {row['cls_loss']:.3f} box {row['box_loss']:.3f})"
                       f"  val mAP@.5 {row['val_map_50']:.3f}  mAP@.5:.95 {row['val_map_50_95']:.3f}"
@@ -216,7 +217,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
         train_time = prior_time + time.perf_counter() - t0
         # report the best checkpoint's validation metrics (the one evaluate/predict use)
         barrier(dist)  # best.pt is written by the main rank; every rank scores the same weights
-        _bare(model).load_state_dict(load_checkpoint(out_dir / "best.pt", map_location=device)["model"])
+        _bare(model).load_state_dict(load_checkpoint(out_dir / paths.BEST, map_location=device)["model"])
         if best_epoch != history[-1]["epoch"]:
             metrics_val = validate(model, val_split, cfg, device, dist)
         result = {
@@ -231,7 +232,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             "images_per_s": float(np.mean([h["images_per_s"] for h in history])), "complete": True,
         }
         if dist.is_main:
-            atomic_write_json(out_dir / "metrics.json", result)
+            atomic_write_json(out_dir / paths.METRICS, result)
             run.summary.update({"map_50": result["map_50"], "map_50_95": result["map_50_95"]})
             run.finish()
             print(f"done in {train_time / 60:.1f} min: best epoch {best_epoch}, val mAP@0.5 {result['map_50']:.4f}, "
