@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import os
 import string
+import sys
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,9 +25,45 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message says what to fix."""
 
 
+class _PathKey:
+    """Marks a config key that holds a file or folder: relative values are read from the folder of
+    the config file that wrote them (``--set`` values from the working folder); see :func:`load_config`."""
+
+    def __repr__(self) -> str:
+        return "PATH_KEY"
+
+
+PATH_KEY = _PathKey()
+PathStr = Annotated[str, PATH_KEY]
+
+
+def _is_relative_path(value: Any) -> bool:
+    if not isinstance(value, str) or not value.strip():
+        return False
+    text = value.strip()
+    # Booleans written as text (model.pretrained: "true"), URLs and hub names are not files.
+    if text.lower() in ("true", "false", "yes", "no", "none", "null", "0", "1") or ":" in text.split("/")[0]:
+        return False
+    return not Path(text).expanduser().is_absolute()
+
+
+def _absolute(value: str, base: str | Path) -> str:
+    # normpath, not resolve(): a symlinked data folder keeps the name the user gave it.
+    return os.path.normpath(os.path.join(os.path.abspath(base), os.path.expanduser(value.strip())))
+
+
 class Section(BaseModel):
     # coerce_numbers_to_str: `--set experiment=2024` or an id column named 0 are strings, not errors.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+def _make_paths_absolute(section: BaseModel, base: Path) -> None:
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if PATH_KEY in field.metadata and _is_relative_path(value):
+            section.__dict__[name] = _absolute(value, base)  # __dict__: no re-validation loop
+        elif isinstance(value, BaseModel):
+            _make_paths_absolute(value, base)
 
 
 def _plain_folder_name(v: str) -> str:
@@ -35,14 +73,14 @@ def _plain_folder_name(v: str) -> str:
 
 
 class PathsConfig(Section):
-    work: str = "work"
-    runs: str = "runs"
-    submissions: str = "submissions"
+    work: PathStr = "work"
+    runs: PathStr = "runs"
+    submissions: PathStr = "submissions"
 
 
 class CompetitionConfig(Section):
     name: str | None = None
-    root: str = "data/digits"
+    root: PathStr = "data/digits"
     train_csv: str = "train.csv"
     test_csv: str | None = "test.csv"
     # Where test ids come from: test_dir (file names without extension) when set, else test_csv,
@@ -56,7 +94,7 @@ class CompetitionConfig(Section):
     test_image: str = "{id}"
     submission_form: Literal["label", "probabilities"] = "label"
     metric: Literal["accuracy", "log_loss"] = "accuracy"
-    solution: str | None = None
+    solution: Annotated[str | None, PATH_KEY] = None
     build: Literal["digits"] | None = None
 
     @field_validator("name")
@@ -112,7 +150,7 @@ class FoldsConfig(Section):
 
 class ModelConfig(Section):
     backbone: str = "resnet18"
-    pretrained: bool | str = False
+    pretrained: Annotated[bool | str, PATH_KEY] = False
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     head_lr_mult: float = Field(1.0, gt=0.0)
@@ -219,6 +257,14 @@ class RunConfig(Section):
     @classmethod
     def _experiment_is_a_folder_name(cls, v: str) -> str:
         return _plain_folder_name(v)
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> RunConfig:
+        # Every run config holds absolute paths, so a saved config.yaml means the same files wherever
+        # it is read from. What is still relative here (defaults, --set values) is read from the
+        # working folder; load_config has already read the file's own values from the file's folder.
+        _make_paths_absolute(self, Path.cwd())
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -391,6 +437,32 @@ def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+def path_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys of ``schema`` that hold a file or folder (declared with ``PATH_KEY``)."""
+    keys = []
+    for name, field in schema.model_fields.items():
+        if PATH_KEY in field.metadata:
+            keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(path_keys(ann, f"{prefix}{name}."))
+    return keys
+
+
+def resolve_paths(data: dict[str, Any], schema: type[BaseModel], base: str | Path) -> dict[str, Any]:
+    """A copy of ``data`` whose relative path values (keys of :func:`path_keys`) are made absolute
+    against ``base``; other values are left as they are."""
+    data = copy.deepcopy(data)
+    for key in path_keys(schema):
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and _is_relative_path(node.get(leaf)):
+            node[leaf] = _absolute(node[leaf], base)
+    return data
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -398,6 +470,10 @@ def load_config(
     default_path: str = DEFAULT_CONFIG,
 ) -> C:
     """Read ``path`` (YAML), apply ``overrides`` and validate.
+
+    Relative values of path keys (:func:`path_keys`: ``competition.root``, ``paths.runs``, ...) are
+    made absolute: those written in the file against the file's folder, those of ``overrides`` and
+    defaults against the working folder.
 
     Args:
         path: YAML file; ``None`` means ``default_path``.
@@ -419,7 +495,9 @@ def load_config(
                           ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    # Relative paths in the file are read from its folder, so a config beside its data works from
+    # any working folder; --set values are typed at a prompt and read from the working folder.
+    data = apply_overrides(resolve_paths(data, schema, path.parent), overrides or [])
     return build_config(data, schema, source=str(path) + (" with --set overrides" if overrides else ""))
 
 
@@ -435,10 +513,39 @@ def add_config_args(parser: argparse.ArgumentParser, default_path: str = DEFAULT
     parser.add_argument("--config", default=default_path, metavar="PATH",
                         help=f"YAML config file (default: {default_path})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=3 (repeatable; values are YAML)")
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable; values are YAML; "
+                             "relative paths are read from the working folder)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars and no per-epoch lines (results, warnings and errors still print)")
     return parser
 
 
-def config_from_args(args: argparse.Namespace, schema: type[C] = Config) -> C:
-    """The validated config named by ``--config`` with the ``--set`` overrides of ``args``."""
-    return load_config(args.config, args.overrides, schema=schema)
+def describe(cfg: BaseModel, config_path: str | Path, overrides: list[str] | None = None) -> str:
+    """``using config X, competition Y (root), experiment Z``: which files a command works on."""
+    n = len(overrides or [])
+    parts = [f"using config {config_path}" + (f" with {n} --set override{'s' if n > 1 else ''}" if n else "")]
+    comp = getattr(cfg, "competition", None)
+    if comp is not None and hasattr(comp, "slug"):
+        parts.append(f"competition {comp.slug} ({comp.root})")
+    elif getattr(cfg, "data", None) is not None and hasattr(cfg.data, "root"):
+        parts.append(f"data {cfg.data.root}")
+    if hasattr(cfg, "experiment"):
+        parts.append(f"experiment {cfg.experiment}")
+    return ", ".join(parts)
+
+
+def config_from_args(args: argparse.Namespace, schema: type[C] = Config, announce: bool = True) -> C:
+    """The validated config named by ``--config`` with the ``--set`` overrides of ``args``.
+
+    With ``announce`` the command's first line (on stderr, so piped tables stay clean; rank 0 only
+    under torchrun) says which config, competition and experiment it uses: without ``--config`` a
+    command silently working on the default competition is a surprise.
+    """
+    from pipeline import progress
+
+    if getattr(args, "quiet", False):
+        progress.set_quiet(True)
+    cfg = load_config(args.config, args.overrides, schema=schema)
+    if announce and os.environ.get("RANK", "0") == "0":
+        print(describe(cfg, args.config, args.overrides), file=sys.stderr, flush=True)
+    return cfg

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy.fft import dctn
-from tqdm.auto import tqdm
 
 from pipeline.data.images import ImageReadError, read_image
+from pipeline.progress import bar
 
 PHASH_SIZE = 32
 PHASH_LOW = 8
@@ -120,8 +120,8 @@ def fingerprint_images(paths: Sequence[str], thumb_size: int, workers: int = 2, 
     Threads suffice: OpenCV decoding, resizing and the DCT release the GIL.
     """
     def run(pool_map) -> list:
-        return list(tqdm(pool_map(lambda p: _one(p, thumb_size, crops, mirror), paths), total=len(paths),
-                         desc="hashing images", unit="img", disable=not progress, mininterval=0.5))
+        return list(bar(pool_map(lambda p: _one(p, thumb_size, crops, mirror), paths), total=len(paths),
+                        desc="hashing images", unit="img", enabled=progress, mininterval=0.5))
 
     if workers <= 1:
         results = run(map)
@@ -260,7 +260,7 @@ def nearest_neighbours(thumbs: np.ndarray, k: int, shortlist: int = 48, also: Se
         return idx, r
     whole = np.ascontiguousarray(thumbs[:, 0])
     rows = max(1, min(n, chunk_cells // n))
-    for a, b in tqdm(list(_chunks(n, rows)), desc="neighbours", disable=not progress, leave=False):
+    for a, b in bar(list(_chunks(n, rows)), desc="neighbours", enabled=progress, leave=False):
         g = whole[a:b] @ whole.T
         for v in also:
             np.maximum(g, whole[a:b] @ thumbs[:, v].T, out=g)

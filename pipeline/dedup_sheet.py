@@ -11,6 +11,7 @@ from pipeline.io import atomic_save_figure
 
 MAX_MEMBERS = 8
 CELL = 96
+CAPTION_CHARS = 14  # what fits under a 1.5-inch cell at 7 pt; longer names are cut in the middle
 
 
 def pick_groups(report: dict, max_groups: int) -> list[dict]:
@@ -38,6 +39,17 @@ def _cell(path: Path) -> np.ndarray:
     return canvas
 
 
+def shorten(text: str, width: int = CAPTION_CHARS) -> str:
+    """``text`` cut to ``width`` characters in the middle (an extension kept whole), so a 32-character
+    Kaggle id fits under its cell without running into the next caption."""
+    if len(text) <= width:
+        return text
+    stem, ext = (text.rsplit(".", 1)[0], "." + text.rsplit(".", 1)[1]) if "." in text[-6:] else (text, "")
+    keep = max(2, width - len(ext) - 1)
+    head = (keep + 1) // 2
+    return f"{stem[:head]}\u2026{stem[len(stem) - (keep - head):]}{ext}"
+
+
 def _pack(groups: list[dict], width: int) -> list[list[tuple[dict, int]]]:
     """Rows of (group, first column): groups side by side while they fit in ``width`` cells."""
     rows: list[list[tuple[dict, int]]] = [[]]
@@ -58,6 +70,16 @@ def contact_sheet(report: dict, root: Path, out: Path, max_groups: int = 12) -> 
     groups = pick_groups(report, max_groups)
     if not groups:
         return False
+    import matplotlib.pyplot as plt
+
+    fig = draw_sheet(groups, root)
+    atomic_save_figure(out, fig)
+    plt.close(fig)
+    return True
+
+
+def draw_sheet(groups: list[dict], root: Path):
+    """The contact sheet of ``groups`` as a matplotlib figure (one row per group or groups side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,13 +102,11 @@ def contact_sheet(report: dict, root: Path, out: Path, max_groups: int = 12) -> 
                 ax.set_yticks([])
                 ax.imshow(_cell(root / g["images"][k]))
                 label = g["labels"][k] if g["splits"][k] == "train" else "test"
-                ax.set_xlabel(f"{Path(g['images'][k]).name}\n{label}", fontsize=7)
+                ax.set_xlabel(f"{shorten(Path(g['images'][k]).name)}\n{shorten(str(label))}", fontsize=7)
                 if g["conflict"] and g["splits"][k] == "train":
                     for spine in ax.spines.values():
                         spine.set_color("red")
                         spine.set_linewidth(2)
             axes[r, start].set_title(title, fontsize=7, loc="left")
     fig.tight_layout()
-    atomic_save_figure(out, fig)
-    plt.close(fig)
-    return True
+    return fig

@@ -185,12 +185,14 @@ def balance_table(folds: pd.DataFrame, k: int) -> str:
     counts = pd.crosstab(folds["label"], folds["fold"]).reindex(columns=range(k), fill_value=0)
     total = folds[folds["fold"] >= 0].groupby("fold").size().reindex(range(k), fill_value=0)
     groups = folds[folds["fold"] >= 0].groupby("fold")["group"].nunique().reindex(range(k), fill_value=0)
-    head = "fold      " + "".join(f"{f:>7d}" for f in range(k))
-    lines = [head,
-             "images    " + "".join(f"{n:>7d}" for n in total),
-             "groups    " + "".join(f"{n:>7d}" for n in groups)]
-    if len(counts) <= MAX_BALANCE_CLASSES:
-        lines += [f"{str(c)[:10]:<10}" + "".join(f"{n:>7d}" for n in counts.loc[c]) for c in counts.index]
+    shown = len(counts) <= MAX_BALANCE_CLASSES
+    # Whole class names: cut to a fixed width, miniature_pinscher and miniature_poodle read the same.
+    w = max([10] + [len(str(c)) + 1 for c in counts.index] if shown else [10])
+    lines = ["fold".ljust(w) + "".join(f"{f:>7d}" for f in range(k)),
+             "images".ljust(w) + "".join(f"{n:>7d}" for n in total),
+             "groups".ljust(w) + "".join(f"{n:>7d}" for n in groups)]
+    if shown:
+        lines += [str(c).ljust(w) + "".join(f"{n:>7d}" for n in counts.loc[c]) for c in counts.index]
     else:
         share = counts.div(counts.sum(axis=1).replace(0, 1), axis=0)
         spread = (share.max(axis=1) - share.min(axis=1)).sort_values(ascending=False)

@@ -24,9 +24,8 @@ import torch
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
-from tqdm.auto import tqdm
 
-from pipeline import paths
+from pipeline import paths, progress
 from pipeline.config import Config, add_config_args, config_from_args, save_config
 from pipeline.data import ImageDataset, ImageReadError, load_competition
 from pipeline.data.competition import save_classes
@@ -48,6 +47,7 @@ from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json
 from pipeline.models import create_classifier
+from pipeline.progress import bar
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr",
                    "images_per_s", "epoch_time_s"]
@@ -115,7 +115,7 @@ def seed_epoch(loader: DataLoader, epoch: int) -> None:
 
 def _preload(dataset: ImageDataset, images: list[str], what: str, show: bool) -> None:
     dataset.cache = True
-    for i in tqdm(range(len(dataset)), desc=f"caching {what} images", leave=False, disable=not show):
+    for i in bar(range(len(dataset)), desc=f"caching {what} images", leave=False, enabled=show):
         try:
             dataset.load(i)
         except ImageReadError as exc:
@@ -385,7 +385,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
                 atomic_write_csv(fold_dir / paths.HISTORY, pd.DataFrame(history, columns=HISTORY_COLUMNS))
                 wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=epoch)
                 ema_note = f" ema_val_acc {ema_res.accuracy:.4f}" if ema_res is not None else ""
-                tqdm.write(f"fold {fold} epoch {epoch + 1}/{t.epochs}: train_loss {stats.loss:.4f} "
+                progress.line(f"fold {fold} epoch {epoch + 1}/{t.epochs}: train_loss {stats.loss:.4f} "
                            f"val_loss {res.loss:.4f} val_acc {res.accuracy:.4f}{ema_note} lr {stats.lr:.2e} "
                            f"{stats.images_per_s:.0f} img/s {row['epoch_time_s']:.1f}s{' *' if improved else ''}")
             if stop:

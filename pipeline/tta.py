@@ -192,14 +192,13 @@ def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[Vie
         batches: iterable of ``(images, targets)`` or image tensors, normalized ``(B, C, H, W)``.
         views: from :func:`build_views`.
     """
-    from tqdm.auto import tqdm
-
     from pipeline.engine.amp import resolve_amp
+    from pipeline.progress import bar
 
     autocast = resolve_amp(amp, device).autocast  # the same precision rules as training
     model.eval()
     out: list[Tensor] = []
-    it = tqdm(batches, desc=desc, leave=False, disable=not progress)
+    it = bar(batches, desc=desc, leave=False, enabled=progress)
     for batch in it:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         x = x.to(device, non_blocking=True)

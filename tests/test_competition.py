@@ -105,7 +105,7 @@ def test_dog_breed_layout_probability_submission(tmp_path):
     assert comp.test["image"].tolist() == ["test/t1.jpg", "test/t2.jpg"]
 
     _csv(root / "sample_submission.csv", "id,beagle\nt1,1\nt2,1\n")
-    with pytest.raises(DataError, match=r"no probability column for 1 class.*'pug'"):
+    with pytest.raises(DataError, match=r"class 'pug' has no probability column"):
         load_competition(cfg)
 
 

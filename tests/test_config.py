@@ -41,7 +41,7 @@ def test_leaves_recipe_is_the_gpu_recipe():
     assert t.mixup_alpha > 0 and t.cutmix_alpha > 0 and t.label_smoothing > 0 and t.ema
     assert t.augment.hflip > 0 and t.augment.vflip > 0 and cfg.tta == ["d4"]
     assert cfg.folds.k == 5 and t.num_workers == 8 and 25 <= t.epochs <= 40
-    assert cfg.competition.root == "data/classify-leaves" and cfg.competition.build is None
+    assert cfg.competition.root == str(REPO / "data" / "classify-leaves") and cfg.competition.build is None
 
 
 def test_overrides_are_yaml_scalars():
@@ -51,7 +51,7 @@ def test_overrides_are_yaml_scalars():
         "competition.train_image={id}.png", "wandb.tags=[a, b]", " train.batch_size = 8 ",
     ])
     assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(1e-4) and cfg.train.ema is True
-    assert cfg.model.pretrained == "weights/r18.pth"
+    assert cfg.model.pretrained == str(Path.cwd() / "weights" / "r18.pth")  # --set: the working folder
     assert cfg.tta == ["identity", "hflip"] and cfg.competition.test_csv is None
     assert cfg.experiment == "2024"  # a number where a name is expected is taken as text
     assert cfg.competition.train_image == "{id}.png"  # not YAML's {id: null}

@@ -17,17 +17,20 @@ raised as one :class:`DataError` listing every offending row, before any trainin
 """
 from __future__ import annotations
 
+import difflib
+import os
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.config import CompetitionConfig
 from pipeline.data.images import ImageReadError, read_image
 from pipeline.errors import PipelineError
+from pipeline.progress import bar
 
 MAX_LISTED = 10
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
@@ -138,12 +141,61 @@ def _id_mismatch(test_ids: list[str], sample_ids: list[str], test_name: str, sam
     return problems
 
 
-def _raise_if(problems: list[str], what: str) -> None:
+# The closing advice of an error, by the kind of problem: a train row can be fixed or removed, but
+# the submission needs every test id, so a test problem is fixed at the files, never by removing it.
+ADVICE = {
+    "train": "Fix or remove these rows of the train table and run again.",
+    "test": "The submission must list every test id, so test rows cannot be removed: put the missing or "
+            "broken test images in place (check competition.root and competition.test_image) and run again.",
+    "ids": "Use the test table and sample submission of the same download (or set competition.test_csv: null "
+           "to take the test ids from the sample submission).",
+    "classes": "Spell the labels of the train table as the sample submission's columns (they are compared "
+               "exactly, case included) and run again.",
+}
+_said: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """A note about the data, printed once per process however many stages read the competition."""
+    if message not in _said:
+        _said.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def _raise_if(problems: list[str], what: str, kinds: set[str] | None = None) -> None:
     if problems:
         shown = "\n  ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise DataError(f"{len(problems)} problem(s) in {what}:\n  {shown}{more}\n"
-                        "Fix or remove these rows and run again.")
+        advice = "\n".join(ADVICE[k] for k in ADVICE if k in (kinds or {"train"}))
+        raise DataError(f"{len(problems)} problem(s) in {what}:\n  {shown}{more}\n{advice}")
+
+
+def _stripped(values: pd.Series, what: str, source: str) -> list[str]:
+    """``values`` without surrounding spaces; says once how many had them (a silent change surprises)."""
+    raw = values.astype(str)
+    clean = raw.str.strip()
+    changed = (raw != clean).to_numpy().nonzero()[0]
+    if len(changed):
+        r = int(changed[0])
+        _note_once(f"{source}: removed spaces around {len(changed)} {what}(s) (e.g. line {r + 2}: {raw.iat[r]!r} "
+                   f"-> {clean.iat[r]!r}); they are read without them")
+    return clean.tolist()
+
+
+def _class_column_problems(train: pd.DataFrame, sample_columns: set[str], tname: str, sub_name: str
+                           ) -> list[str]:
+    """One problem per class of the train table without a probability column, with its rows and the
+    nearest column name (``Grace_Hopper`` vs ``grace_hopper``)."""
+    problems = []
+    lower = {c.lower(): c for c in sample_columns}
+    for cls in sorted(set(train["label"]) - sample_columns - {""}):
+        lines = [r + 2 for r in (train["label"] == cls).to_numpy().nonzero()[0]]
+        near = lower.get(cls.lower()) or next(iter(difflib.get_close_matches(cls, sorted(sample_columns), n=1)), None)
+        hint = f"; did you mean {near!r}?" if near else ""
+        shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+        problems.append(f"{tname} line(s) {shown} ({len(lines)} row(s)): class {cls!r} has no probability column "
+                        f"in {sub_name}{hint}")
+    return problems
 
 
 def _test_table(cfg: CompetitionConfig, root: Path, sample: pd.DataFrame, sample_name: str
@@ -200,18 +252,20 @@ def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: 
 
         ensure_digits(root)
     if not root.is_dir():
-        raise DataError(f"competition.root {root} is not a folder; point competition.root at the competition data")
+        raise DataError(f"competition.root {cfg.root} is not a folder (resolved: {os.path.abspath(root)}); point "
+                        "competition.root at the competition data (a relative path in a config file is read from "
+                        "that file's folder, one given with --set from the working folder)")
     root_abs = root.resolve()
 
     train_src = root / cfg.train_csv
     raw = _read_csv(train_src, "train table", [cfg.id_column, cfg.label_column], "competition.train_csv")
-    ids = raw[cfg.id_column].astype(str).str.strip()
+    tname = train_src.name
+    ids = _stripped(raw[cfg.id_column], "id", tname)
     train = pd.DataFrame({
-        "id": ids.tolist(),
-        "label": raw[cfg.label_column].astype(str).str.strip().tolist(),
+        "id": ids,
+        "label": _stripped(raw[cfg.label_column], "label", tname),
         "image": [_image_path(cfg.train_image, i) if i else "" for i in ids],
     })
-    tname = train_src.name
     problems = [f"{tname} line {r + 2}: empty label" for r in range(len(train)) if train["label"].iat[r] == ""]
     problems += _duplicates(train, "image", tname)
     path_problems, train_ok = _check_paths(train, root, tname)
@@ -221,12 +275,17 @@ def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: 
 
     sub_path = root / cfg.sample_submission
     sample = _read_csv(sub_path, "sample submission", [cfg.id_column], "competition.sample_submission")
+    kinds = {"train"} if problems else set()
     test, test_name, first_line = _test_table(cfg, root, sample, sub_path.name)
-    problems += _duplicates(test, "id", test_name, first_line)
+    test_problems = _duplicates(test, "id", test_name, first_line)
     path_problems, test_ok = _check_paths(test, root, test_name, first_line)
-    problems += path_problems
-    problems += _id_mismatch(test["id"].tolist(), sample[cfg.id_column].astype(str).str.strip().tolist(),
-                             test_name, sub_path.name)
+    test_problems += path_problems
+    kinds |= {"test"} if test_problems else set()
+    problems += test_problems
+    id_problems = _id_mismatch(test["id"].tolist(), sample[cfg.id_column].astype(str).str.strip().tolist(),
+                               test_name, sub_path.name)
+    kinds |= {"ids"} if id_problems else set()
+    problems += id_problems
 
     for df in (train, test):
         df["path"] = [str(root_abs / p) if p else "" for p in df["image"]]
@@ -236,18 +295,21 @@ def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: 
     if len(train) and len(classes) < 2:
         problems.append(f"{tname}: column {cfg.label_column!r} holds {len(classes)} class(es) {classes}; "
                         "a classifier needs at least two")
+        kinds.add("train")
     if cfg.submission_form == "probabilities":
-        sub_classes = {c for c in sample.columns if c != cfg.id_column}
-        unknown = [c for c in classes if c not in sub_classes]
-        if unknown:
-            problems.append(f"{sub_path.name}: no probability column for {len(unknown)} class(es) of {tname} "
-                            f"({', '.join(map(repr, unknown[:MAX_LISTED]))}); with submission_form: "
-                            "probabilities the sample submission must have one column per class")
+        # With submission_form: probabilities the sample submission has one column per class.
+        class_problems = _class_column_problems(train, {c for c in sample.columns if c != cfg.id_column},
+                                                tname, sub_path.name)
+        kinds |= {"classes"} if class_problems else set()
+        problems += class_problems
 
     if check_images:
-        for df, ok, source, first in ((train, train_ok, tname, 2), (test, test_ok, test_name, first_line)):
-            problems += _decode_problems(df, ok, source, first)
-    _raise_if(problems, f"competition {root}")
+        for df, ok, source, first, kind in ((train, train_ok, tname, 2, "train"),
+                                            (test, test_ok, test_name, first_line, "test")):
+            decode = _decode_problems(df, ok, source, first)
+            kinds |= {kind} if decode else set()
+            problems += decode
+    _raise_if(problems, f"competition {root}", kinds)
     return Competition(cfg, root, train, test, classes, sample)
 
 
@@ -262,8 +324,8 @@ def _probe(path: str) -> str | None:
 def _decode_all(paths: list[str], workers: int) -> list[str | None]:
     # cv2 releases the GIL while decoding, so threads overlap the work without pickling images.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(tqdm(pool.map(_probe, paths), total=len(paths), desc="checking images",
-                         leave=False, disable=len(paths) < 2000))
+        return list(bar(pool.map(_probe, paths), total=len(paths), desc="checking images",
+                        leave=False, enabled=len(paths) >= 2000))
 
 
 def _decode_problems(df: pd.DataFrame, ok: list[bool], source: str, first_line: int, workers: int = 4) -> list[str]:

@@ -1,24 +1,24 @@
 """The detection track's config schema, built from the shared sections of ``pipeline.config``."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config import RunConfig, Section
+from pipeline.config import PATH_KEY, PathStr, RunConfig, Section
 
 DEFAULT_DETECT_CONFIG = "configs/banana_ssd.yaml"
 
 
 class DetectDataConfig(Section):
-    root: str = "data/shapes"
+    root: PathStr = "data/shapes"
     train: str = "train"
     val: str = "val"
     test: str | None = "test"
     images: str = "images"
     labels: str = "label.csv"
     # Labels of the test split kept outside the competition folder (as Kaggle keeps its solution).
-    test_labels: str | None = "data/shapes_private/test/label.csv"
+    test_labels: Annotated[str | None, PATH_KEY] = "data/shapes_private/test/label.csv"
     classes: list[str] | None = None
     build: Literal["shapes"] | None = None
     cache_images: bool = True
@@ -27,7 +27,7 @@ class DetectDataConfig(Section):
 class DetectModelConfig(Section):
     arch: Literal["tiny_ssd", "timm_ssd"] = "tiny_ssd"
     backbone: str = "resnet18"
-    pretrained: bool | str = False
+    pretrained: Annotated[bool | str, PATH_KEY] = False
     img_size: int = Field(256, ge=32)
     anchors: Literal["d2l", "torchvision"] = "d2l"
     min_size: float = Field(0.2, gt=0.0, le=1.0)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.detect.config import DetectConfig
@@ -19,6 +18,7 @@ from pipeline.detect.models import create_detector
 from pipeline.detect.postprocess import postprocess
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
+from pipeline.progress import bar
 
 
 def run_dir(cfg: DetectConfig) -> Path:
@@ -54,7 +54,7 @@ def predict_split(model: torch.nn.Module, split: Split, cfg: DetectConfig, devic
     model.eval()
     sigmoid = cfg.train.loss == "focal"
     out: dict[int, ImageBoxes] = {}
-    for images, _, _, idx in tqdm(loader, desc=f"detect {split.name}", leave=False, disable=not progress):
+    for images, _, _, idx in bar(loader, desc=f"detect {split.name}", leave=False, enabled=progress):
         with autocast(device, cfg.train.amp):
             raw = model(images.to(device, non_blocking=True))
         dets = postprocess(raw["cls_logits"], raw["box_offsets"], raw["anchors"],

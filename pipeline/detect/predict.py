@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.config import add_config_args, config_from_args
@@ -26,6 +25,7 @@ from pipeline.detect.inference import load_trained, predict_split, run_dir
 from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_image, atomic_write_json
+from pipeline.progress import bar
 
 
 def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = None, which: str = "best") -> Path:
@@ -57,7 +57,7 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
         "class_agnostic_nms": cfg.post.class_agnostic, "img_size": cfg.model.img_size,
     }, overwrite=False)
     if cfg.predict.draw if draw is None else draw:
-        for i in tqdm(range(min(cfg.predict.draw_max, len(data.images))), desc="draw", leave=False):
+        for i in bar(range(min(cfg.predict.draw_max, len(data.images))), desc="draw", leave=False):
             pic = draw_detections(read_image(data.paths[i]), dets[i], classes)
             atomic_write_image(out_dir / "predictions" / (Path(data.images[i]).stem + ".jpg"), pic)
     print(f"{len(table)} detections on {len(data.images)} images of {split!r} -> {out_dir / 'predictions.csv'}, {sub}")

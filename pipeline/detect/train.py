@@ -17,7 +17,6 @@ import torch
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
-from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.config import add_config_args, config_from_args, save_config
@@ -34,6 +33,7 @@ from pipeline.engine.seed import seed_everything, seed_worker
 from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
+from pipeline.progress import bar
 
 
 def _bare(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,8 +57,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg:
     sums = {"loss": 0.0, "cls_loss": 0.0, "box_loss": 0.0}
     n_images, start = 0, time.perf_counter()
     steps_per_epoch = len(loader)
-    for step, (images, boxes, labels, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
-                                                           disable=not show)):
+    for step, (images, boxes, labels, _) in enumerate(bar(loader, desc=f"epoch {epoch}", leave=False,
+                                                          enabled=show)):
         images = images.to(device, non_blocking=True)
         boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, cfg.train.amp):

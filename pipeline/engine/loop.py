@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import dispatch_clip_grad, unwrap_model
-from tqdm.auto import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.engine.amp import Amp
 from pipeline.engine.distributed import DistInfo, all_gather_object, reduce_mean
 from pipeline.engine.optim import current_lr
 from pipeline.errors import PipelineError
+from pipeline.progress import bar
 
 CHECK_EVERY = 10  # steps between reading the loss back to the host
 
@@ -149,8 +149,8 @@ def train_one_epoch(
     window: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, images, lr)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, total=n_batches, desc=desc, leave=False, disable=not info.is_main, dynamic_ncols=True)
-    for step, (images, targets) in enumerate(bar):
+    batches = bar(loader, total=n_batches, desc=desc, leave=False, enabled=info.is_main, dynamic_ncols=True)
+    for step, (images, targets) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup is not None and len(images) % 2:
@@ -193,7 +193,7 @@ def train_one_epoch(
                 raise NonFiniteLossError(epoch, bad[0], lr, bad[1])
             total_loss += sum(v * n for _, v, n, _ in checked)
             seen += sum(n for _, _, n, _ in checked)
-            bar.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{current_lr(optimizer):.2e}")
+            batches.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{current_lr(optimizer):.2e}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
@@ -217,7 +217,7 @@ def validate(model: torch.nn.Module, loader, n_total: int, shard: np.ndarray, *,
     """
     model.eval()
     probs, losses, targets = [], [], []
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=not info.is_main, dynamic_ncols=True):
+    for images, target in bar(loader, desc=desc, leave=False, enabled=info.is_main, dynamic_ncols=True):
         images = images.to(info.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
