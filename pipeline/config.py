@@ -230,9 +230,19 @@ class PredictConfig(Section):
 
 class EnsembleConfig(Section):
     experiments: list[str] = []
-    method: Literal["optimize", "caruana", "fixed", "mean"] = "optimize"
+    method: Literal["optimize", "caruana", "hill_climb", "stack", "fixed", "mean"] = "optimize"
     weights: dict[str, float] = {}
     caruana_iterations: int = Field(50, ge=1)
+    # How weighted members are combined: softmax mean, mean of p**power (renormalised), or per-class ranks.
+    merge: Literal["mean", "power", "rank"] = "mean"
+    power: float = Field(2.0, gt=0.0)
+    # hill_climb: mixing weights tried are step, 2*step, ..., 0.5; negative ones only when allowed
+    # (they fit OOF noise).
+    hill_climb_step: float = Field(0.01, gt=0.0, le=0.5)
+    hill_climb_iterations: int = Field(100, ge=1)
+    allow_negative: bool = False
+    # stack: inverse L2 strength of the level-2 logistic regression.
+    stack_c: float = Field(1.0, gt=0.0)
     use_tta: bool = True
     name: str | None = None
 

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 from scipy.optimize import minimize
 
-from pipeline import paths
+from pipeline import blending, paths
 from pipeline.config import Config, add_config_args, config_from_args
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import read_json
@@ -110,18 +110,62 @@ def fixed_weights(names: list[str], weights: dict[str, float]) -> np.ndarray:
 
 
 def choose_weights(method: str, probs: np.ndarray, y: np.ndarray, names: list[str],
-                   fixed: dict[str, float] | None = None, iterations: int = 50) -> np.ndarray:
-    """Weights by ``method`` (optimize | caruana | fixed | mean) on OOF probabilities ``(M, N, C)``."""
+                   fixed: dict[str, float] | None = None, iterations: int = 50, merge: str = "mean",
+                   power: float = 2.0, step: float = 0.01, allow_negative: bool = False,
+                   climb_iterations: int = 100) -> np.ndarray:
+    """Weights by ``method`` (optimize | caruana | hill_climb | fixed | mean) on OOF probabilities ``(M, N, C)``,
+    for the blend ``merge`` (mean | power | rank) makes of them."""
     m = probs.shape[0]
-    if method == "optimize":
-        return optimize_weights(probs, y)
-    if method == "caruana":
-        return caruana_weights(probs, y, iterations)
     if method == "fixed":
         return fixed_weights(names, fixed or {})
     if method == "mean":
         return np.full(m, 1.0 / m)
-    raise PipelineError(f"ensemble.method {method!r} is not optimize, caruana, fixed or mean")
+    if method == "hill_climb":
+        return blending.hill_climb_weights(blending.transform(probs, merge, power), y, step=step,
+                                           iterations=climb_iterations, allow_negative=allow_negative)
+    if method == "optimize":
+        if merge == "mean":
+            return optimize_weights(probs, y)
+        return blending.optimize_merged_weights(blending.transform(probs, merge, power), y)
+    if method == "caruana":
+        if merge == "mean":
+            return caruana_weights(probs, y, iterations)
+        return blending.caruana_merged_weights(blending.transform(probs, merge, power), y, iterations)
+    raise PipelineError(f"ensemble.method {method!r} is not optimize, caruana, hill_climb, stack, fixed or mean")
+
+
+@dataclass
+class Blend:
+    """The blended OOF (as weighted, and without TTA), test probabilities, and how they were made."""
+
+    weights: np.ndarray
+    oof: np.ndarray
+    oof_plain: np.ndarray
+    test: np.ndarray
+    detail: dict[str, Any]
+
+
+def blend_members(ens, oof: np.ndarray, oof_plain: np.ndarray, test: np.ndarray, y: np.ndarray,
+                  names: list[str], folds: np.ndarray | None = None, seed: int = 0) -> Blend:
+    """Blend ``(M, N, C)`` member predictions by ``ens.method`` / ``ens.merge`` (the ``ensemble`` section).
+
+    ``stack`` fits a level-2 logistic regression with an inner CV over ``folds`` (see
+    :mod:`pipeline.blending`); every other method chooses weights on ``oof`` and merges.
+    """
+    if ens.method == "stack":
+        if folds is None:
+            raise PipelineError("ensemble.method=stack needs the fold of every OOF row (folds.csv)")
+        st = blending.stack_predictions(oof, test, y, folds, c=ens.stack_c)
+        plain = blending.stack_predictions(oof_plain, test, y, folds, c=ens.stack_c).oof
+        detail = {"stack": {"C": ens.stack_c, "inner_folds": st.inner_folds, "splits": st.splits,
+                            "member_share": {n: float(v) for n, v in zip(names, st.member_share)}}}
+        return Blend(st.member_share, st.oof, plain, st.test, detail)
+    w = choose_weights(ens.method, oof, y, names, ens.weights, ens.caruana_iterations, ens.merge, ens.power,
+                       ens.hill_climb_step, ens.allow_negative, ens.hill_climb_iterations)
+    merge = dict(merge=ens.merge, power=ens.power)
+    detail = {"merge": ens.merge, **({"power": ens.power} if ens.merge == "power" else {})}
+    return Blend(w, blending.merged(oof, w, **merge), blending.merged(oof_plain, w, **merge),
+                 blending.merged(test, w, **merge), detail)
 
 
 # ----------------------------------------------------------------------------- experiments
@@ -236,6 +280,20 @@ def load_experiment(cfg: Config, name: str) -> ExperimentPredictions:
     return ExperimentPredictions(name, classes, folds, oof, oof_tta, test_df, tta)
 
 
+def oof_folds(cfg: Config, images: pd.Series) -> np.ndarray:
+    """The fold of each OOF image in ``folds.csv`` (the stacker's inner CV follows the competition's folds)."""
+    path = paths.folds_csv(cfg)
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist; ensemble.method=stack needs it: run python -m pipeline.folds")
+    fold_of = pd.read_csv(path, usecols=["image", "fold"], dtype={"image": str}, keep_default_na=False)
+    fold_of = dict(zip(fold_of["image"], fold_of["fold"].astype(int)))
+    missing = [i for i in images if i not in fold_of]
+    if missing:
+        raise PipelineError(f"{path} has no row for OOF images such as {missing[:3]}; folds.csv changed since "
+                            "training: retrain the experiments or use another ensemble.method")
+    return np.array([fold_of[i] for i in images])
+
+
 def inputs_fingerprint(cfg: Config, names: list[str]) -> str:
     """A digest of the prediction files of ``names`` and the ensemble settings (run's skip check)."""
     h = hashlib.sha256()
@@ -329,8 +387,18 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     y = ref["label"].map(index).to_numpy()
     use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
     oof_for_weights = np.stack([(e.oof_tta if use_tta else e.oof)[classes].to_numpy(np.float64) for e in exps])
-    w = choose_weights(cfg.ensemble.method, oof_for_weights, y, names, cfg.ensemble.weights,
-                       cfg.ensemble.caruana_iterations)
+    comp = load_competition(cfg.competition)
+    test_images = exps[0].test["image"]
+    for e in exps[1:]:
+        if set(e.test["image"]) != set(test_images):
+            raise PipelineError(f"experiments {exps[0].name!r} and {e.name!r} predicted different test images; "
+                                "predict both again on the current competition")
+    test_members = np.stack([e.test.set_index("image").loc[test_images, classes].to_numpy(np.float64)
+                             for e in exps])
+    oof_plain = np.stack([e.oof[classes].to_numpy(np.float64) for e in exps])
+    folds = oof_folds(cfg, ref["image"]) if cfg.ensemble.method == "stack" else None
+    mixed = blend_members(cfg.ensemble, oof_for_weights, oof_plain, test_members, y, names, folds, cfg.seed)
+    w = mixed.weights
     weights = {n: float(v) for n, v in zip(names, w)}
 
     rows = []
@@ -339,22 +407,14 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
         acc_t, ll_t = _scores(e.oof_tta, classes, y)
         rows.append(dict(experiment=e.name, folds=len(e.folds), acc=acc, logloss=ll, acc_tta=acc_t,
                          logloss_tta=ll_t, weight=float(wi)))
-    blended_oof = blend(oof_for_weights, w)
+    blended_oof = mixed.oof
     b_acc, b_ll = accuracy(blended_oof, y), log_loss(blended_oof, y)
-    plain = blend(np.stack([e.oof[classes].to_numpy(np.float64) for e in exps]), w)
+    plain = mixed.oof_plain
     rows.append(dict(experiment="blend", folds=len(exps[0].folds), acc=accuracy(plain, y), logloss=log_loss(plain, y),
                      acc_tta=b_acc if use_tta else float("nan"), logloss_tta=b_ll if use_tta else float("nan"),
                      weight=1.0))
     table = pd.DataFrame(rows)
-
-    comp = load_competition(cfg.competition)
-    test_images = exps[0].test["image"]
-    for e in exps[1:]:
-        if set(e.test["image"]) != set(test_images):
-            raise PipelineError(f"experiments {exps[0].name!r} and {e.name!r} predicted different test images; "
-                                "predict both again on the current competition")
-    test_probs = blend(np.stack([e.test.set_index("image").loc[test_images, classes].to_numpy(np.float64)
-                                 for e in exps]), w)
+    test_probs = mixed.test
     id_of = dict(zip(comp.test["image"], comp.test["id"]))
     unknown = [i for i in test_images if i not in id_of]
     if unknown:
@@ -372,6 +432,7 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
         "folds": {e.name: e.folds for e in exps},
         "method": cfg.ensemble.method,
         "weights": weights,
+        **mixed.detail,
         "tta": {e.name: e.tta for e in exps},
         "used_tta_oof": use_tta,
         "cv": {r["experiment"]: {k: None if np.isnan(r[k]) else r[k] for k in ("acc", "logloss", "acc_tta",
@@ -410,7 +471,7 @@ def main(argv: list[str] | None = None) -> EnsembleResult:
     add_config_args(parser)
     parser.add_argument("--experiments", nargs="+", metavar="NAME",
                         help="experiments to blend (default: ensemble.experiments, else every complete one)")
-    parser.add_argument("--method", choices=["optimize", "caruana", "fixed", "mean"],
+    parser.add_argument("--method", choices=["optimize", "caruana", "hill_climb", "stack", "fixed", "mean"],
                         help="how to choose the weights (default: ensemble.method)")
     parser.add_argument("--name", help="submission file name prefix (default: ensemble.name, the experiment or 'blend')")
     args = parser.parse_args(argv)
