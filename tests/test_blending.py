@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import blending
 from pipeline.ensemble import choose_weights
-from pipeline.tta import log_loss
+from pipeline.metrics import log_loss
 
 
 def _known_mix(f: float = 0.3, n: int = 1000):
