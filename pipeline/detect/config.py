@@ -12,11 +12,18 @@ DEFAULT_DETECT_CONFIG = "configs/banana_ssd.yaml"
 
 class DetectDataConfig(Section):
     root: PathStr = "data/shapes"
+    # banana: label.csv per split; coco: instances JSON; yolo: labels/*.txt; voc: Annotations/*.xml
+    format: Literal["banana", "coco", "yolo", "voc"] = "banana"
     train: str = "train"
     val: str = "val"
     test: str | None = "test"
-    images: str = "images"
-    labels: str = "label.csv"
+    # Where a split's images and labels are: a value holding {split} is relative to root, any
+    # other to <root>/<split>/; null tries the format's usual places (pipeline/detect/layout.py).
+    images: str | None = None
+    labels: str | None = None
+    # yolo: the class names (data.yaml `names`, or one name per line); null tries data.yaml,
+    # dataset.yaml, classes.txt, obj.names in root
+    classes_file: str | None = None
     # Labels of the test split kept outside the competition folder (as Kaggle keeps its solution).
     test_labels: Annotated[str | None, PATH_KEY] = "data/shapes_private/test/label.csv"
     classes: list[str] | None = None

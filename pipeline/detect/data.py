@@ -1,7 +1,8 @@
-"""Banana-layout detection data: label tables checked row by row, a dataset with bbox-aware
-albumentations, and a collate that pads boxes per batch.
+"""Detection data: the banana reader (label tables checked row by row; COCO, YOLO and VOC are in
+``readers.py``, chosen by ``data.format``), a dataset with bbox-aware albumentations, and a
+collate that pads boxes per batch.
 
-Layout: ``<root>/<split>/images/*`` and ``<root>/<split>/label.csv`` with columns
+Banana layout: ``<root>/<split>/images/*`` and ``<root>/<split>/label.csv`` with columns
 ``img_name,label,xmin,ymin,xmax,ymax`` (pixels, one row per box, label a class name or id).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from pipeline.data.images import ImageReadError, image_size, read_image
 from pipeline.detect.config import DetectAugmentConfig, DetectConfig
+from pipeline.detect.layout import candidates
 from pipeline.errors import PipelineError
 
 COLUMNS = ["img_name", "label", "xmin", "ymin", "xmax", "ymax"]
@@ -41,7 +43,7 @@ class Split:
 
 def ensure_dataset(cfg: DetectConfig) -> None:
     """Build the embedded default set on first use when ``data.build`` asks for it."""
-    if cfg.data.build == "shapes" and not (Path(cfg.data.root) / cfg.data.train / cfg.data.labels).is_file():
+    if cfg.data.build == "shapes" and not (Path(cfg.data.root) / cfg.data.train / "label.csv").is_file():
         from pipeline.detect.shapes import build_shapes
 
         print(f"building the embedded detection set in {cfg.data.root} (first use)")
@@ -70,10 +72,15 @@ def read_label_table(path: Path) -> pd.DataFrame:
 
 
 def class_names(cfg: DetectConfig) -> list[str]:
-    """``data.classes`` if given, else the sorted labels of the train split (numeric order for ids)."""
+    """``data.classes`` if given, else the sorted labels of the train split (numeric order for ids);
+    other formats: what their files say (``readers.read_classes``)."""
     if cfg.data.classes:
         return list(cfg.data.classes)
-    table = read_label_table(Path(cfg.data.root) / cfg.data.train / cfg.data.labels)
+    if cfg.data.format != "banana":
+        from pipeline.detect.readers import read_classes
+
+        return read_classes(cfg.data)
+    table = read_label_table(candidates(cfg.data, cfg.data.train, "labels")[0])
     return _sort_classes(table["label"].dropna().astype(str).str.strip().tolist())
 
 
@@ -91,27 +98,22 @@ def load_split(cfg: DetectConfig, split: str, classes: list[str], labels_path: P
     """Read and check one split; every bad row is reported in one error.
 
     Args:
-        split: folder name under ``data.root`` (``data.train``, ``data.val``, ``data.test``).
-        labels_path: label CSV; default ``<split>/label.csv``; missing file + ``labels_path=None`` and
-            an ``images/`` folder means an unlabelled split (all its images).
+        split: split name (``data.train``, ``data.val``, ``data.test``): a folder under ``data.root``
+            in the banana layout; for other formats see ``layout.py``.
+        labels_path: labels kept elsewhere (``data.test_labels``); default: the format's place.
+            Without labels, a split with an image folder is unlabelled (all its images).
     """
-    folder = Path(cfg.data.root) / split
-    img_dir = folder / cfg.data.images
-    labels_path = labels_path or folder / cfg.data.labels
+    if cfg.data.format != "banana":
+        from pipeline.detect.readers import read_split
+
+        return read_split(cfg.data, split, classes, labels_path)
+    img_dir = candidates(cfg.data, split, "images")[0]
+    labels_path = labels_path or candidates(cfg.data, split, "labels")[0]
     if not labels_path.is_file():
         if not img_dir.is_dir():
             raise PipelineError(f"split {split!r}: neither {labels_path} nor {img_dir} exists; "
                                 f"check data.root={cfg.data.root!r} and the split names in data.*")
-        names = sorted(p.name for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not names:
-            raise PipelineError(f"{img_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        sizes = [image_size(img_dir / n) for n in names]
-        bad = [n for n, s in zip(names, sizes) if s is None]
-        if bad:
-            raise PipelineError(f"{len(bad)} unreadable image(s) in {img_dir}: {', '.join(bad[:_MAX_LISTED])}")
-        empty = [np.zeros((0, 4), np.float32)] * len(names)
-        return Split(split, names, [img_dir / n for n in names], empty, [np.zeros(0, np.int64)] * len(names),
-                     sizes, labelled=False)
+        return unlabelled_split(img_dir, split)
 
     table = read_label_table(labels_path)
     problems: list[str] = []
@@ -165,6 +167,20 @@ def load_split(cfg: DetectConfig, split: str, classes: list[str], labels_path: P
         [np.array([r[0] for r in per_image[n]], np.int64) for n in names],
         [size_cache[n] for n in names], labelled=True,
     )
+
+
+def unlabelled_split(img_dir: Path, split: str) -> Split:
+    """Every image of ``img_dir`` with no boxes (a test split)."""
+    names = sorted(p.name for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not names:
+        raise PipelineError(f"{img_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    sizes = [image_size(img_dir / n) for n in names]
+    bad = [n for n, s in zip(names, sizes) if s is None]
+    if bad:
+        raise PipelineError(f"{len(bad)} unreadable image(s) in {img_dir}: {', '.join(bad[:_MAX_LISTED])}")
+    empty = [np.zeros((0, 4), np.float32)] * len(names)
+    return Split(split, names, [img_dir / n for n in names], empty, [np.zeros(0, np.int64)] * len(names),
+                 sizes, labelled=False)
 
 
 def train_transform(img_size: int, aug: DetectAugmentConfig) -> A.Compose:

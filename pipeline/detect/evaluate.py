@@ -21,7 +21,9 @@ from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
 from pipeline.detect.data import Split, ensure_dataset, load_split
 from pipeline.detect.draw import draw_detections, grid
 from pipeline.detect.inference import ground_truth, load_trained, predict_split, run_dir
+from pipeline.detect.layout import tried
 from pipeline.detect.metrics import ImageBoxes, evaluate_detections
+from pipeline.detect.readers import labels_location
 from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_image, atomic_write_json, read_json
@@ -33,14 +35,14 @@ def labelled_split(cfg: DetectConfig, split: str | None, classes: list[str]) -> 
     """The split to score: ``split`` by name, or test (when its labels exist), else val."""
     test_labels = Path(cfg.data.test_labels) if cfg.data.test_labels else None
     if split is None:
-        has_test = cfg.data.test and ((test_labels and test_labels.is_file())
-                                      or (Path(cfg.data.root) / cfg.data.test / cfg.data.labels).is_file())
+        has_test = cfg.data.test and ((test_labels and test_labels.exists())
+                                      or labels_location(cfg.data, cfg.data.test) is not None)
         split = cfg.data.test if has_test else cfg.data.val
-    labels = test_labels if split == cfg.data.test and test_labels and test_labels.is_file() else None
+    labels = test_labels if split == cfg.data.test and test_labels and test_labels.exists() else None
     s = load_split(cfg, split, classes, labels)
     if not s.labelled:
-        raise PipelineError(f"split {split!r} has no labels ({Path(cfg.data.root) / split / cfg.data.labels} "
-                            "missing, and data.test_labels does not point to them); evaluate val instead")
+        raise PipelineError(f"split {split!r} has no labels (looked in {tried(cfg.data, split, 'labels')}, "
+                            "and data.test_labels does not point to them); evaluate val instead")
     return s
 
 
