@@ -111,3 +111,26 @@ def test_incomplete_build_is_detected_and_foreign_folders_are_kept(digits_copy, 
     # A folder with a train.csv of its own is read as it is, never built over.
     (user / "train.csv").write_text("image,label\n")
     assert ensure_digits(user) == user and sorted(p.name for p in user.iterdir()) == ["labels.csv", "train.csv"]
+
+
+def test_label_noise_flips_are_recorded_and_half_in_the_confused_pair(digits_root, tmp_path):
+    root = build_digits(tmp_path / "noisy" / "digits", label_noise=0.03)
+    noise = read_json(private_dir(root) / "planted.json")["label_noise"]
+    clean = pd.read_csv(digits_root / "train.csv", dtype=str).set_index("image")["label"]
+    noisy = pd.read_csv(root / "train.csv", dtype=str).set_index("image")["label"]
+    flips = pd.DataFrame(noise["flips"]).set_index("image")
+    assert len(flips) == round(0.03 * len(clean))
+    changed = noisy[noisy != clean]
+    assert set(changed.index) == set(flips.index)  # every flip recorded, nothing else changed
+    assert (flips["true"] == clean[flips.index]).all() and (flips["given"] == noisy[flips.index]).all()
+    pair = flips[flips["kind"] == "pair"]
+    assert len(pair) == len(flips) // 2 and set(pair["true"]) | set(pair["given"]) == set(noise["confused_pair"])
+    assert (flips["true"] != flips["given"]).all()
+    # The images, test set and solution are those of the clean build.
+    for name in ("test.csv", "sample_submission.csv"):
+        assert (root / name).read_bytes() == (digits_root / name).read_bytes()
+    assert (private_dir(root) / "solution.csv").read_bytes() == (private_dir(digits_root) / "solution.csv").read_bytes()
+    with pytest.raises(PipelineError, match="label noise 0.03, not 0.0.*--force"):
+        build_digits(root)
+    with pytest.raises(PipelineError, match="between 0 and"):
+        build_digits(tmp_path / "other", label_noise=1.5)

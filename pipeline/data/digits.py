@@ -11,7 +11,12 @@ Planted on purpose, and recorded in ``planted.json``, so the dedup stage has som
 find: exact duplicates (one saved as BMP: same pixels, other bytes), near duplicates (re-encoded
 JPEG, brightness shifted), one duplicate with a conflicting label, and test images also in train.
 
-Run ``python -m pipeline.data.digits [--root data/digits] [--force]`` to build it by hand.
+``--label-noise FRACTION`` (default 0) also flips the labels of that fraction of the train images
+(``planted.json: label_noise.flips``), half of them between the two most-confused classes, where a
+label audit finds them hardest, so ``pipeline.analyze`` has real label errors to find.
+
+Run ``python -m pipeline.data.digits [--root data/digits] [--force] [--label-noise 0.03]`` to build
+it by hand.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError, cli_entry
-from pipeline.io import atomic_write_csv, atomic_write_json
+from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 32
@@ -33,6 +38,7 @@ TEST_FRACTION = 0.2
 N_EXACT = 4
 N_NEAR = 4
 N_OVERLAP = 3
+MAX_LABEL_NOISE = 0.5
 
 
 def private_dir(root: str | Path) -> Path:
@@ -88,19 +94,35 @@ def ensure_digits(root: str | Path = "data/digits", seed: int = 0) -> Path:
     return build_digits(root, seed=seed)
 
 
-def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = False) -> Path:
+def built_label_noise(root: str | Path) -> float:
+    """The ``--label-noise`` fraction a complete build at ``root`` was made with (0 for older builds)."""
+    return float(read_json(private_dir(root) / "planted.json").get("label_noise", {}).get("fraction", 0.0))
+
+
+def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = False,
+                 label_noise: float = 0.0) -> Path:
     """Build the competition folder at ``root`` (deterministic for a given ``seed``).
 
     An existing complete build is kept unless ``force``. The files are written to a temporary
     folder and moved into place at the end, so a killed build leaves nothing half-written and
     two processes building at once (e.g. DDP ranks) both end with the same complete folder.
 
+    Args:
+        label_noise: fraction of the train images whose label is flipped (recorded in planted.json).
+
     Raises:
-        PipelineError: ``root`` (or its private folder) exists and was not made by this module.
+        PipelineError: ``root`` (or its private folder) exists and was not made by this module, or
+            it holds a build with another ``label_noise`` (and not ``force``).
     """
     root = Path(root)
     private = private_dir(root)
+    if not 0.0 <= label_noise <= MAX_LABEL_NOISE:
+        raise PipelineError(f"--label-noise {label_noise}: must be a fraction between 0 and {MAX_LABEL_NOISE}, "
+                            "e.g. 0.03 for 3% of the train labels")
     if is_built(root) and not force:
+        if built_label_noise(root) != label_noise:
+            raise PipelineError(f"{root} was built with label noise {built_label_noise(root)}, not {label_noise}; "
+                                "add --force to rebuild it, or build into another folder with --root")
         return root
     for d in (root, private):
         if not _is_ours(d, root):
@@ -111,7 +133,7 @@ def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
-        _write_competition(tmp / "competition", tmp / "private", seed)
+        _write_competition(tmp / "competition", tmp / "private", seed, label_noise)
         if is_built(root) and not force:
             return root  # another process finished the same deterministic build meanwhile
         for d in (private, root):
@@ -130,7 +152,7 @@ def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = 
     return root
 
 
-def _write_competition(out: Path, private: Path, seed: int) -> None:
+def _write_competition(out: Path, private: Path, seed: int, label_noise: float = 0.0) -> None:
     from sklearn.datasets import load_digits
 
     (out / "images").mkdir(parents=True)
@@ -196,6 +218,13 @@ def _write_competition(out: Path, private: Path, seed: int) -> None:
         planted["overlap"].append({"test": src, "train": copy})
 
     train = pd.DataFrame(rows_train, columns=["image", "label"])
+    in_planted = {img for pair in planted["exact"] + planted["near"] for img in pair}
+    in_planted |= {img for c in planted["conflict"] for img in c["images"]}
+    # Only images outside the planted groups are flipped: a flipped copy would be a dedup conflict
+    # instead, which the folds stage drops before any model sees it.
+    candidates = [name_of[int(i)] for i in train_idx if name_of[int(i)] not in in_planted]
+    pixels_of = {name_of[int(i)]: pixels[i].reshape(-1) for i in train_idx}
+    planted["label_noise"] = _flip_labels(train, candidates, pixels_of, label_noise, seed)
     test = pd.DataFrame({"image": rows_test})
     atomic_write_csv(out / "train.csv", train)
     atomic_write_csv(out / "test.csv", test)
@@ -206,15 +235,70 @@ def _write_competition(out: Path, private: Path, seed: int) -> None:
     atomic_write_json(private / "planted.json", planted)
 
 
+def most_confused_pair(x: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+    """The two classes a quick classifier confuses most (either way), from 5-fold CV predictions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import cross_val_predict
+
+    pred = cross_val_predict(LogisticRegression(max_iter=2000), x / 16.0, y, cv=5)
+    cm = confusion_matrix(y, pred, labels=range(len(CLASS_NAMES)))
+    both = cm + cm.T
+    np.fill_diagonal(both, 0)
+    a, b = np.unravel_index(np.argmax(both), both.shape)
+    return int(min(a, b)), int(max(a, b))
+
+
+def _flip_labels(train: pd.DataFrame, candidates: list[str], pixels_of: dict[str, np.ndarray],
+                 fraction: float, seed: int) -> dict:
+    """Flip ``fraction`` of the train labels in place; half between the most-confused pair.
+
+    A separate random stream, so the rest of the build is byte-for-byte the same with or without noise.
+    """
+    record: dict = {"fraction": fraction, "flips": []}
+    n_flip = int(round(fraction * len(train)))
+    if n_flip == 0:
+        return record
+    label_of = dict(zip(train["image"], train["label"]))
+    index = {c: i for i, c in enumerate(CLASS_NAMES)}
+    y = np.array([index[label_of[c]] for c in candidates])
+    a, b = most_confused_pair(np.stack([pixels_of[c] for c in candidates]), y)
+    rng = np.random.default_rng([seed, 1])
+    n_pair = n_flip // 2
+    pair_pool = [c for c, t in zip(candidates, y) if t in (a, b)]
+    other_pool = [c for c, t in zip(candidates, y) if t not in (a, b)]
+    chosen_pair = rng.choice(pair_pool, size=min(n_pair, len(pair_pool)), replace=False).tolist()
+    chosen_other = rng.choice(other_pool, size=min(n_flip - len(chosen_pair), len(other_pool)), replace=False).tolist()
+    new_label = {}
+    for img in chosen_pair:
+        t = index[label_of[img]]
+        new_label[img] = ("pair", CLASS_NAMES[b if t == a else a])
+    for img in chosen_other:
+        t = index[label_of[img]]
+        new_label[img] = ("random", CLASS_NAMES[(t + 1 + int(rng.integers(len(CLASS_NAMES) - 1))) % len(CLASS_NAMES)])
+    for img, (kind, given) in sorted(new_label.items(), key=lambda kv: int(Path(kv[0]).stem)):
+        record["flips"].append({"image": img, "true": label_of[img], "given": given, "kind": kind})
+    train["label"] = [new_label[img][1] if img in new_label else lab for img, lab in zip(train["image"], train["label"])]
+    record["confused_pair"] = [CLASS_NAMES[a], CLASS_NAMES[b]]
+    record["confused_pair_from"] = "5-fold CV confusions of a logistic regression on the 8x8 train pixels"
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.data.digits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="data/digits", help="competition folder to write (default: data/digits)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the planted copies (default: 0)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
+    parser.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
+                        help="flip the labels of this fraction of the train images, half of them between the "
+                             "two most-confused classes (recorded in planted.json; default 0)")
     args = parser.parse_args(argv)
-    root = build_digits(args.root, seed=args.seed, force=args.force)
+    root = build_digits(args.root, seed=args.seed, force=args.force, label_noise=args.label_noise)
     print(f"embedded default competition at {root}; hidden solution in {private_dir(root)}")
+    flips = read_json(private_dir(root) / "planted.json").get("label_noise", {}).get("flips", [])
+    if flips:
+        print(f"label noise: {len(flips)} train labels flipped (listed in {private_dir(root) / 'planted.json'})")
 
 
 if __name__ == "__main__":
