@@ -70,3 +70,8 @@ def fold_name(fold: int) -> str:
 
 def submissions_dir(cfg: Any) -> Path:
     return Path(cfg.paths.submissions)
+
+
+def analysis_dir(cfg: Config, experiment: str | None = None, blend: bool = False) -> Path:
+    """``runs/<experiment>/analysis/``, or ``work/<competition>/analysis/`` for the blend."""
+    return work_dir(cfg) / "analysis" if blend else run_dir(cfg, experiment) / "analysis"
