@@ -39,7 +39,7 @@ from pipeline.analysis.sheet import Tile, contact_sheet
 from pipeline.config import Config, add_config_args, config_from_args
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from pipeline.tta import accuracy, log_loss
+from pipeline.metrics import accuracy, log_loss
 
 SHOWN_WORST = 5
 
@@ -106,14 +106,14 @@ def analyze(cfg: Config, experiment: str | None = None, blend: bool = False, top
 
     dedup = read_dedup_groups(paths.dedup_csv(cfg))
     issues = find_issues(oof, dedup)
-    atomic_write_csv(out / "label_issues.csv", issues)
+    atomic_write_csv(out / paths.LABEL_ISSUES, issues)
     sheet = contact_sheet(_issue_tiles(issues, comp.root, top), out / "label_issues.png",
                           f"likely label errors (red: duplicate group with disagreeing labels): {title}")
     if sheet is None:
         (out / "label_issues.png").unlink(missing_ok=True)  # an older run's picture would contradict the CSV
     exclude_csv = None
     if write_fixes:
-        exclude_csv = atomic_write_csv(out / "exclude.csv", draft_exclusions(issues, min_confidence), overwrite=False)
+        exclude_csv = atomic_write_csv(out / paths.EXCLUDE_DRAFT, draft_exclusions(issues, min_confidence), overwrite=False)
 
     cleanlab = issues["found_by"].str.startswith("cleanlab")
     summary: dict[str, Any] = {
@@ -143,7 +143,7 @@ def analyze(cfg: Config, experiment: str | None = None, blend: bool = False, top
                       f"{adv_cfg.experiment}")
         summary.update(adversarial_auc=result.auc, adversarial_fold_auc=result.fold_auc,
                        adversarial_experiment=adv_cfg.experiment)
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / paths.ANALYSIS_SUMMARY, summary)
     atomic_write_text(out / "report.md", write_report(out, summary, table, pairs, issues, adv))
 
     say(f"analyze {oof.source}: {summary['n_images']} OOF images, {summary['n_classes']} classes, accuracy "

@@ -23,6 +23,11 @@ TEST = "test.csv"
 OOF_TTA = "oof_tta.csv"
 PREDICT = "predict.json"
 DETECTIONS = "predictions.csv"
+# runs/<experiment>/analysis/ (work/<competition>/analysis/ for a blend): pipeline.analyze
+ANALYSIS = "analysis"
+LABEL_ISSUES = "label_issues.csv"
+EXCLUDE_DRAFT = "exclude.csv"
+ANALYSIS_SUMMARY = "summary.json"
 # every file a fold's training makes or that was made from its weights (removed on a retrain)
 FOLD_OUTPUTS = (BEST, LAST, HISTORY, OOF, METRICS, TEST, OOF_TTA, PREDICT)
 
@@ -72,6 +77,6 @@ def submissions_dir(cfg: Any) -> Path:
     return Path(cfg.paths.submissions)
 
 
-def analysis_dir(cfg: Config, experiment: str | None = None, blend: bool = False) -> Path:
+def analysis_dir(cfg: Any, experiment: str | None = None, blend: bool = False) -> Path:
     """``runs/<experiment>/analysis/``, or ``work/<competition>/analysis/`` for the blend."""
-    return work_dir(cfg) / "analysis" if blend else run_dir(cfg, experiment) / "analysis"
+    return work_dir(cfg) / ANALYSIS if blend else run_dir(cfg, experiment) / ANALYSIS

@@ -79,7 +79,7 @@ def adversarial_validation(cfg: Config, oof_images: list[str], oof_folds: np.nda
     test_paths = [str(comp.root / p) for p in comp.test["image"]]
     images = np.asarray(oof_images)
     ks = sorted(int(k) for k in np.unique(oof_folds) if k >= 0
-                and (paths.fold_dir(cfg, int(k)) / "best.pt").is_file())
+                and (paths.fold_dir(cfg, int(k)) / paths.BEST).is_file())
     if not ks:
         raise PipelineError(f"no fold of {cfg.experiment!r} has best.pt; adversarial validation needs the trained "
                             "models (train first, or run with --no-adversarial)")

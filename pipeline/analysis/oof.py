@@ -56,18 +56,18 @@ def experiment_oof(cfg: Config, name: str, use_tta: bool = True) -> tuple[pd.Dat
     from pipeline.ensemble import experiment_folds
 
     run = paths.run_dir(cfg, name)
-    if not (run / "classes.json").is_file():
-        raise PipelineError(f"{run}/classes.json does not exist; train experiment {name!r} first "
+    if not (run / paths.CLASSES).is_file():
+        raise PipelineError(f"{run / paths.CLASSES} does not exist; train experiment {name!r} first "
                             f"(python -m pipeline.run --set experiment={name})")
-    classes = list(read_json(run / "classes.json")["classes"])
+    classes = list(read_json(run / paths.CLASSES)["classes"])
     ks = experiment_folds(cfg, name)
-    missing = [k for k in ks if not (paths.fold_dir(cfg, k, name) / "oof.csv").is_file()]
+    missing = [k for k in ks if not (paths.fold_dir(cfg, k, name) / paths.OOF).is_file()]
     if missing:
         raise PipelineError(f"experiment {name!r} has no OOF predictions for fold(s) {missing} "
-                            f"({paths.fold_dir(cfg, missing[0], name)}/oof.csv); finish training them first: "
+                            f"({paths.fold_dir(cfg, missing[0], name) / paths.OOF}); finish training them first: "
                             f"python -m pipeline.run --set experiment={name}")
-    tta = use_tta and all((paths.fold_dir(cfg, k, name) / "oof_tta.csv").is_file() for k in ks)
-    file = "oof_tta.csv" if tta else "oof.csv"
+    tta = use_tta and all((paths.fold_dir(cfg, k, name) / paths.OOF_TTA).is_file() for k in ks)
+    file = paths.OOF_TTA if tta else paths.OOF
     parts = [_read_fold_file(paths.fold_dir(cfg, k, name) / file, classes) for k in ks]
     rows = pd.concat(parts, ignore_index=True)
     # Built whole, not inserted: a column added to a frame of hundreds of class columns fragments it.
