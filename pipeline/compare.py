@@ -27,7 +27,14 @@ import yaml
 
 from pipeline.compare_records import FOLD_DIR, RunRecord, flatten, load_runs, summarize
 from pipeline.compare_wandb import find_wandb_runs
-from pipeline.config import Config, add_config_args, config_from_args
+from pipeline.config import (
+    DEFAULT_CONFIG,
+    Config,
+    add_config_args,
+    apply_overrides,
+    build_config,
+    config_from_args,
+)
 from pipeline.errors import PipelineError, cli_entry
 
 FORMATS = ("table", "csv", "markdown", "json")
@@ -73,10 +80,30 @@ def filter_runs(runs: list[RunRecord], where: list[str]) -> list[RunRecord]:
     return runs
 
 
+def score_column(metric: str) -> str:
+    """The summary column that holds a competition's metric (log loss: ``cv_loss``, else ``cv_mean``)."""
+    return "cv_loss" if metric == "log_loss" else "cv_mean"
+
+
+def _by_score(table: pd.DataFrame, ascending: bool) -> pd.DataFrame:
+    """Best first by each competition's own metric, competitions kept together."""
+    # A log loss is better when lower: negate it so "largest first" reads best first for both metrics.
+    score = [(-row["cv_loss"] if row["metric"] == "log_loss" else row["cv_mean"]) for _, row in table.iterrows()]
+    keyed = table.assign(_score=score).sort_values(
+        ["competition", "_score"], ascending=[True, ascending], na_position="last", kind="stable")
+    return keyed.drop(columns="_score").reset_index(drop=True)
+
+
 def sort_summary(table: pd.DataFrame, runs: list[RunRecord], key: str, ascending: bool = False) -> pd.DataFrame:
-    """Sort by a table column or a dotted config key; runs without a value go last."""
+    """Sort by a table column or a dotted config key; runs without a value go last.
+
+    ``score`` (the default) sorts by each run's competition metric, best first: accuracy
+    (``cv_mean``) largest first, log loss (``cv_loss``) smallest first.
+    """
     if table.empty:
         return table
+    if key == "score":
+        return _by_score(table, ascending)
     if key in table.columns:
         values = table[key]
     else:
@@ -149,7 +176,8 @@ def display_table(table: pd.DataFrame, runs: list[RunRecord]) -> pd.DataFrame:
         cv = "-" if math.isnan(row["cv_mean"]) else f"{row['cv_mean']:.4f}"
         if not math.isnan(row["cv_std"]):
             cv += f"±{row['cv_std']:.4f}"
-        d = {"experiment": row["experiment"], "backbone": row["backbone"] or "?",
+        d = {"experiment": row["experiment"], "competition": row["competition"], "metric": row["metric"],
+             "backbone": row["backbone"] or "?",
              "img": "" if row["img_size"] is None else row["img_size"],
              "epochs": "" if row["epochs"] is None else row["epochs"],
              "augment": row["augment"], "cv_acc": cv,
@@ -160,10 +188,20 @@ def display_table(table: pd.DataFrame, runs: list[RunRecord]) -> pd.DataFrame:
         d["time"] = _fmt_time(row["train_time_s"])
         d["img/s"] = "-" if math.isnan(row["images_per_s"]) else f"{row['images_per_s']:.0f}"
         d["folds"] = f"{row['folds_complete']}/{row['folds_total']}"
+        d["disk"] = format_bytes(row["disk_bytes"])
         d["wandb"] = (f"{row['wandb_runs']} ({row['wandb_unsynced']} unsynced)" if row["wandb_unsynced"]
                       else str(row["wandb_runs"]))
         out.append(d)
     return pd.DataFrame(out)
+
+
+def format_bytes(n: float) -> str:
+    """``123M``, ``2.9G``: the disk a run folder uses."""
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.1f}{unit}" if v < 10 else f"{v:.0f}{unit}"
+    return f"{int(n)}B"
 
 
 def _cell(v: Any) -> str:
@@ -297,15 +335,26 @@ def _check_plot_path(path: Path) -> None:
                             f"{', '.join('.' + k for k in sorted(kinds))} (e.g. --plot compare.png)")
 
 
-def compare(cfg: Config, experiments: list[str] | None = None, *, sort: str = "cv_mean", ascending: bool = False,
+def _of_competition(runs: list[RunRecord], slug: str, root: Path) -> list[RunRecord]:
+    mine = [r for r in runs if r.competition == slug]
+    if not mine:
+        others = ", ".join(f"{r.experiment} ({r.competition})" for r in runs[:8]) + (" ..." if len(runs) > 8 else "")
+        raise PipelineError(f"no run of competition {slug!r} under {root}/ (runs there: {others}); --all shows "
+                            "every competition, --config PATH chooses another")
+    return mine
+
+
+def compare(cfg: Config, experiments: list[str] | None = None, *, sort: str = "score", ascending: bool = False,
             where: list[str] | None = None, diff: bool = False, fmt: str = "table", plot: str | Path | None = None,
-            show_wandb: bool = False, notes_to=None) -> str:
+            show_wandb: bool = False, notes_to=None, all_competitions: bool = False) -> str:
     """Build the comparison text (and the plot) for the runs under ``cfg.paths.runs``.
 
     Args:
-        cfg: the config; only ``paths.runs`` is used.
-        experiments: run folder names or shell patterns; all runs when empty.
-        sort: a table column (``cv_mean``, ``train_time_s``, ...) or a dotted config key.
+        cfg: the config: ``paths.runs``, and ``competition`` to choose its runs.
+        experiments: run folder names or shell patterns (any competition); when empty, every run of
+            the config's competition (of every competition with ``all_competitions``).
+        sort: ``score`` (each competition's own metric, best first), a table column (``cv_mean``,
+            ``train_time_s``, ...) or a dotted config key.
         ascending: smallest first (default: largest first, like a leaderboard).
         where: ``dotted.key=value`` / ``dotted.key!=value`` conditions on the run configs.
         diff: show only the config keys that differ between the chosen runs.
@@ -319,7 +368,10 @@ def compare(cfg: Config, experiments: list[str] | None = None, *, sort: str = "c
         raise PipelineError(f"--format {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
     if plot:
         _check_plot_path(Path(plot))
-    runs = filter_runs(load_runs(cfg.paths.runs, experiments), where or [])
+    runs = load_runs(cfg.paths.runs, experiments)
+    if not experiments and not all_competitions:
+        runs = _of_competition(runs, cfg.competition.slug, Path(cfg.paths.runs))
+    runs = filter_runs(runs, where or [])
     if not runs:
         raise PipelineError(f"no run matches --where {' '.join(where or [])}")
     table = sort_summary(summarize(runs), runs, sort, ascending)
@@ -371,9 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "incomplete folds are shown as such.")
     p.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                    help="run folders under paths.runs to compare (shell patterns like 'digits_*'); default: all")
-    p.add_argument("--sort", default="cv_mean", metavar="KEY",
-                   help="column (cv_mean, cv_std, tta_gain, train_time_s, images_per_s, ...) or dotted config "
-                        "key to sort by, largest first (default: cv_mean)")
+    p.add_argument("--sort", default="score", metavar="KEY",
+                   help="score (the competition's metric, best first: the default), a column (cv_mean, cv_loss, "
+                        "cv_std, tta_gain, train_time_s, disk_bytes, ...) or a dotted config key, largest first")
+    p.add_argument("--all", dest="all_competitions", action="store_true",
+                   help="runs of every competition (default: the config's competition)")
     p.add_argument("--ascending", action="store_true", help="sort smallest first")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="keep runs whose config matches, e.g. --where model.backbone=resnet18 (repeatable; "
@@ -388,9 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    all_competitions = args.all_competitions
+    if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).is_file():
+        # Outside the checkout there is no default config; runs/ of the working folder is still worth a look.
+        cfg = build_config(apply_overrides({}, args.overrides), source="--set overrides")
+        print(f"using no config ({DEFAULT_CONFIG} is not here): the runs under {cfg.paths.runs}/ of every "
+              "competition", file=sys.stderr)
+        all_competitions = True
+    else:
+        cfg = config_from_args(args)
     text = compare(cfg, args.experiments, sort=args.sort, ascending=args.ascending, where=args.where,
-                   diff=args.diff, fmt=args.fmt, plot=args.plot, show_wandb=args.wandb)
+                   diff=args.diff, fmt=args.fmt, plot=args.plot, show_wandb=args.wandb,
+                   all_competitions=all_competitions)
     print(text)
     return text
 

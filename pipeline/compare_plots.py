@@ -65,41 +65,62 @@ def plot_learning_curves(ax_loss, ax_acc, run: RunRecord, acc_limits: tuple[floa
                                Line2D([], [], color="gray", ls=":", label="EMA")], fontsize=7, loc="lower right")
 
 
+def _fold_scores(run: RunRecord, metric: str) -> list[float]:
+    if metric == "log_loss":
+        return [v for v in (_num(f.metrics.get("val_loss")) for f in run.complete_folds) if not math.isnan(v)]
+    return [f.score for f in run.complete_folds]
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def plot_cv_bars(ax, runs: list[RunRecord], table: pd.DataFrame) -> None:
-    """CV accuracy mean per experiment with ±std error bars and every fold's score as a dot."""
+    """CV score per experiment by the competition's metric (accuracy, or log loss where the runs are
+    scored by it) with ±std error bars and every fold's score as a dot."""
+    metric = "log_loss" if "metric" in table and (table["metric"] == "log_loss").all() else "accuracy"
+    name = "log loss" if metric == "log_loss" else "accuracy"
+    by_name = {r.experiment: r for r in runs}
+    per_run = [_fold_scores(by_name[n], metric) for n in table["experiment"]]
     x = np.arange(len(table))
-    means = table["cv_mean"].to_numpy(dtype=float)
-    stds = np.nan_to_num(table["cv_std"].to_numpy(dtype=float))
+    means = np.array([np.mean(v) if v else np.nan for v in per_run], dtype=float)
+    stds = np.array([np.std(v, ddof=1) if len(v) > 1 else np.nan for v in per_run], dtype=float)
     complete = (table["status"] == "complete").to_numpy()
-    bars = ax.bar(x, np.nan_to_num(means), yerr=stds, capsize=5, color=["C0" if c else "lightsteelblue" for c in complete],
+    bars = ax.bar(x, np.nan_to_num(means), yerr=np.nan_to_num(stds), capsize=5,
+                  color=["C0" if c else "lightsteelblue" for c in complete],
                   edgecolor="black", lw=0.6, label="mean ± std over folds")
     for bar, c in zip(bars, complete):
         if not c:
             bar.set_hatch("//")
-    by_name = {r.experiment: r for r in runs}
     scores_all = []
-    for i, name in enumerate(table["experiment"]):
-        scores = [f.score for f in by_name[name].complete_folds]
+    for i, scores in enumerate(per_run):
         scores_all += scores
         jitter = np.linspace(-0.15, 0.15, len(scores)) if len(scores) > 1 else np.zeros(len(scores))
         ax.scatter(i + jitter, scores, color="black", s=14, zorder=3, label="fold score" if i == 0 else None)
     labels = []
-    for _, row in table.iterrows():
+    for (_, row), m, sd in zip(table.iterrows(), means, stds):
         # one short item per line so that a dozen experiments still fit side by side
-        cv = "no fold done" if math.isnan(row["cv_mean"]) else f"{row['cv_mean']:.4f}"
-        std = "" if math.isnan(row["cv_std"]) else f"\n±{row['cv_std']:.4f}"
+        cv = "no fold done" if math.isnan(m) else f"{m:.4f}"
+        std = "" if math.isnan(sd) else f"\n±{sd:.4f}"
         labels.append(f"{row['experiment']}\n{cv}{std}\n{row['folds_complete']}/{row['folds_total']} folds")
     ax.set_xticks(x, labels, fontsize=8 if len(labels) <= 6 else 7)
+    ok = ~np.isnan(means)
+    sd0 = np.nan_to_num(stds)
     if scores_all:
         # zoom on the scores (bars then start below the lowest fold) so fold differences stay visible
-        lo = min(scores_all + list(means[~np.isnan(means)] - stds[~np.isnan(means)]))
-        hi = max(scores_all + list(means[~np.isnan(means)] + stds[~np.isnan(means)]))
+        lo = min(scores_all + list(means[ok] - sd0[ok]))
+        hi = max(scores_all + list(means[ok] + sd0[ok]))
         span = hi - lo
         bottom = max(0.0, lo - max(0.02, 0.6 * span))  # the lowest bar keeps a visible height
-        ax.set_ylim(bottom, min(1.0, hi + max(0.01, 0.3 * span)) + 0.005)
+        top = hi + max(0.01, 0.3 * span)
+        ax.set_ylim(bottom, (min(1.0, top) if metric == "accuracy" else top) + 0.005)
     zoomed = ax.get_ylim()[0] > 0
-    ax.set_ylabel("validation accuracy" + (" (axis zoomed, not from 0)" if zoomed else ""))
-    ax.set_title("CV accuracy per experiment (bars: mean ± std over complete folds; dots: folds; "
+    better = "lower is better" if metric == "log_loss" else "higher is better"
+    ax.set_ylabel(f"validation {name}" + (" (axis zoomed, not from 0)" if zoomed else ""))
+    ax.set_title(f"CV {name} per experiment ({better}; bars: mean ± std over complete folds; dots: folds; "
                  "hatched: incomplete)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()

@@ -79,6 +79,16 @@ class RunRecord:
     def is_complete(self) -> bool:
         return bool(self.folds) and all(f.complete for f in self.folds)
 
+    @property
+    def competition(self) -> str:
+        """The competition's folder name under ``paths.work`` (``competition.name``, else the root's name)."""
+        return competition_of(self.config)
+
+    @property
+    def metric(self) -> str:
+        """The competition's metric (``accuracy`` or ``log_loss``) the run was scored by."""
+        return str(self.get("competition.metric") or "accuracy")
+
     def get(self, dotted: str, default: Any = None) -> Any:
         """A config value by dotted key (``model.backbone``)."""
         node: Any = self.config
@@ -87,6 +97,24 @@ class RunRecord:
                 return default
             node = node[part]
         return node
+
+
+def competition_of(config: dict[str, Any]) -> str:
+    """The competition slug of a saved run config (as ``CompetitionConfig.slug``); "?" without one."""
+    comp = config.get("competition") if isinstance(config.get("competition"), dict) else {}
+    return str(comp.get("name") or Path(str(comp.get("root") or "")).name or "?")
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (checkpoints dominate: the figure to watch on a 20 GB disk)."""
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            if f.is_file() and not f.is_symlink():
+                total += f.stat().st_size
+        except OSError:  # a file removed while we walk (a fold still training)
+            continue
+    return total
 
 
 def _float(v: Any) -> float:
@@ -243,6 +271,8 @@ def summarize(runs: list[RunRecord]) -> pd.DataFrame:
         speeds = [_float(f.metrics.get("images_per_s")) for f in done]
         row: dict[str, Any] = {
             "experiment": r.experiment,
+            "competition": r.competition,
+            "metric": r.metric,
             "backbone": r.get("model.backbone"),
             "img_size": r.get("train.img_size"),
             "epochs": r.get("train.epochs"),
@@ -264,6 +294,7 @@ def summarize(runs: list[RunRecord]) -> pd.DataFrame:
             "status": "complete" if r.is_complete else "incomplete",
             "wandb_runs": len(r.wandb),
             "wandb_unsynced": sum(1 for w in r.wandb if w.offline and not w.synced),
+            "disk_bytes": disk_bytes(r.path),
         })
         rows.append(row)
     return pd.DataFrame(rows)

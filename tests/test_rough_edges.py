@@ -3,6 +3,7 @@ line of every command, label messages, captions, the balance table and progress 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,81 @@ def test_progress_bars_only_on_a_terminal_and_not_with_quiet(monkeypatch):
         assert run() == ""
     finally:
         progress.set_quiet(False)
+
+
+# ----------------------------------------------------------------------------- point 2: compare
+
+
+@pytest.fixture
+def three_competitions(make_cfg):
+    """Two digits runs (accuracy) and two dog-breed runs (log loss) side by side under one runs/."""
+    from test_compare import write_fake_run
+
+    runs = {}
+    for name, seed, quality in (("dig_a", 1, 0.6), ("dig_b", 2, 0.9)):
+        runs[name] = make_cfg(f"experiment={name}", "folds.k=2", "train.epochs=2")
+        write_fake_run(runs[name], rng_seed=seed, quality=quality)
+    for name, seed, quality, loss in (("dog_a", 3, 0.9, 0.9), ("dog_b", 4, 0.5, 0.4)):
+        # dog_b has the lower accuracy but the better (lower) log loss: the metric decides the order
+        runs[name] = make_cfg(f"experiment={name}", "folds.k=2", "train.epochs=2", "competition.name=dogs",
+                              "competition.metric=log_loss", "competition.submission_form=probabilities")
+        run = write_fake_run(runs[name], rng_seed=seed, quality=quality)
+        for k in range(2):
+            m = json.loads((run / f"fold{k}" / "metrics.json").read_text())
+            (run / f"fold{k}" / "metrics.json").write_text(json.dumps({**m, "val_loss": loss + 0.01 * k}))
+    return runs
+
+
+def test_compare_shows_the_configs_competition_sorted_by_its_metric(three_competitions):
+    from pipeline.compare import compare
+
+    digits = json.loads(compare(three_competitions["dig_a"], fmt="json"))
+    assert {r["experiment"] for r in digits} == {"dig_a", "dig_b"}
+    assert [r["experiment"] for r in digits] == ["dig_b", "dig_a"]  # accuracy: higher first
+    dogs = json.loads(compare(three_competitions["dog_a"], fmt="json"))
+    assert [r["experiment"] for r in dogs] == ["dog_b", "dog_a"]  # log loss: lower first
+    assert dogs[0]["cv_mean"] < dogs[1]["cv_mean"]
+    everything = json.loads(compare(three_competitions["dog_a"], fmt="json", all_competitions=True))
+    assert [(r["competition"], r["experiment"]) for r in everything] == [
+        ("digits", "dig_b"), ("digits", "dig_a"), ("dogs", "dog_b"), ("dogs", "dog_a")]
+    text = compare(three_competitions["dog_a"], all_competitions=True)
+    header = text.splitlines()[0].split()
+    assert "competition" in header and "disk" in header
+
+
+def test_compare_disk_column_counts_the_run_folder(three_competitions):
+    from pipeline.compare import compare
+
+    cfg = three_competitions["dig_a"]
+    run = Path(cfg.paths.runs) / "dig_a"
+    (run / "fold0" / "best.pt").write_bytes(b"\0" * (3 << 20))
+    rows = {r["experiment"]: r for r in json.loads(compare(cfg, fmt="json"))}
+    assert rows["dig_a"]["disk_bytes"] == sum(f.stat().st_size for f in run.rglob("*") if f.is_file())
+    assert rows["dig_a"]["disk_bytes"] > 3 << 20 > rows["dig_b"]["disk_bytes"]
+
+
+def test_compare_plot_bars_use_the_competitions_metric(three_competitions, tmp_path):
+    from pipeline.compare_plots import plot_runs
+    from pipeline.compare_records import load_runs, summarize
+
+    cfg = three_competitions["dog_a"]
+    runs = load_runs(cfg.paths.runs, ["dog_a", "dog_b"])
+    fig = plot_runs(runs, summarize(runs))
+    bars_ax = fig.axes[-1]
+    assert "log loss" in bars_ax.get_ylabel()
+    heights = sorted(round(p.get_height(), 3) for p in bars_ax.patches)
+    assert heights == [0.405, 0.905]
+
+
+def test_compare_outside_the_checkout_works_on_runs_without_a_config(three_competitions, tmp_path,
+                                                                   monkeypatch, capsys):
+    import shutil
+
+    from pipeline.compare import main
+
+    here = tmp_path / "elsewhere"
+    shutil.copytree(three_competitions["dig_a"].paths.runs, here / "runs")
+    monkeypatch.chdir(here)
+    text = main([])
+    assert {line.split()[0] for line in text.splitlines()[1:]} == {"dig_a", "dig_b", "dog_a", "dog_b"}
+    assert "using no config" in capsys.readouterr().err
