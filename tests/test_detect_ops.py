@@ -152,3 +152,54 @@ def test_postprocess_threshold_topk_and_max_detections():
         assert len(d["boxes"]) <= 5 and (d["scores"] > 0.2).all()
         assert (d["scores"][:-1] >= d["scores"][1:]).all()
         assert (d["boxes"] >= 0).all() and (d["boxes"] <= 1).all()
+
+
+def test_pairwise_iou_equals_torchvision_box_iou():
+    from torchvision.ops import box_iou
+
+    from pipeline.detect.boxes import pairwise_iou
+
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(40, 2, generator=g)
+    a = torch.cat([xy, xy + torch.rand(40, 2, generator=g) * 0.5], -1)
+    xy = torch.rand(300, 2, generator=g)
+    b = torch.cat([xy, xy + torch.rand(300, 2, generator=g) * 0.3], -1)
+    assert torch.allclose(pairwise_iou(a, b), box_iou(a, b), atol=1e-6)
+
+
+def _greedy_reference(anchors, boxes, thr):
+    """The course's assignment for one image: threshold, then the global best pair, row and column out."""
+    iou = box_iou_ref(anchors, boxes)
+    best, idx = iou.max(dim=1)
+    out = torch.where(best >= thr, idx, torch.full_like(idx, -1))
+    work = iou.clone()
+    for _ in range(boxes.shape[0]):
+        k = int(work.argmax())
+        a, n = divmod(k, boxes.shape[0])
+        out[a] = n
+        work[:, n] = -1.0
+        work[a, :] = -1.0
+    return out
+
+
+def box_iou_ref(a, b):
+    from torchvision.ops import box_iou
+
+    return box_iou(a, b)
+
+
+def test_batched_matching_equals_the_course_greedy_assignment_with_conflicts():
+    anchors = make_anchors("d2l", [(8, 8), (4, 4), (2, 2), (1, 1)], 0.2, 0.88, [1, 2, 0.5], (64, 64))
+    g = torch.Generator().manual_seed(5)
+    b, n = 16, 8
+    xy = torch.rand(b, n, 2, generator=g) * 0.3 + 0.3  # crowded: boxes contest the same anchors
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(b, n, 2, generator=g) * 0.2], -1).clamp(max=1)
+    boxes[0, 1] = boxes[0, 2] = boxes[0, 0]  # three identical boxes need three rounds
+    valid = torch.rand(b, n, generator=g) > 0.2
+    valid[0, :3] = True
+    matched = match_anchors(anchors, boxes, valid, 0.5)
+    for i in range(b):
+        keep = valid[i].nonzero().flatten()
+        ref = _greedy_reference(anchors, boxes[i, keep], 0.5)
+        ref = torch.where(ref >= 0, keep[ref.clamp(min=0)], ref)  # back to padded box indices
+        assert torch.equal(matched[i], ref), i

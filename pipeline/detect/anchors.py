@@ -6,6 +6,7 @@ order in which the SSD heads flatten their outputs:
 * ``d2l``: the course's ``multibox_prior``: sizes ``s_1..s_n`` and ratios ``r_1..r_m`` give the
   ``n + m - 1`` boxes ``(s_i, r_1)`` and ``(s_1, r_j)`` per location, vectorised here.
 * ``torchvision``: SSD-paper default boxes from ``torchvision``'s ``DefaultBoxGenerator``.
+* ``auto``: shapes fitted to the training boxes (``anchor_fit.py``), given per feature map.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def multibox_prior(height: int, width: int, sizes: list[float], ratios: list[flo
 
 
 def anchors_per_location(style: str, num_sizes: int, ratios: list[float]) -> int:
-    if style == "d2l":
+    if style in ("d2l", "auto"):  # auto fits as many shapes per location as d2l would place
         return num_sizes + len(ratios) - 1
     return 2 + 2 * len(_tv_ratios(ratios))
 
@@ -84,12 +85,50 @@ def _cached(style: str, shapes: tuple[tuple[int, int], ...], min_size: float, ma
 
 
 def make_anchors(style: str, shapes: list[tuple[int, int]], min_size: float, max_size: float,
-                 ratios: list[float], image_hw: tuple[int, int]) -> torch.Tensor:
+                 ratios: list[float], image_hw: tuple[int, int], level_wh=None) -> torch.Tensor:
     """All anchors of a model whose feature maps have ``shapes`` (cached per shape tuple).
+
+    Args:
+        level_wh: ``auto`` style only: per feature map, the fitted ``[width, height]`` of each anchor.
 
     Returns:
         ``(num_anchors, 4)`` float32 CPU tensor; callers move it to their device once.
     """
     key = tuple((int(h), int(w)) for h, w in shapes)
+    if style == "auto":
+        if level_wh is None or len(level_wh) != len(key):
+            raise ValueError(f"auto anchors need one list of shapes per feature map ({len(key)}), got "
+                             f"{None if level_wh is None else len(level_wh)}")
+        return _cached_explicit(key, tuple(tuple(tuple(float(v) for v in wh) for wh in lv) for lv in level_wh))
     return _cached(style, key, float(min_size), float(max_size), tuple(float(r) for r in ratios),
                    (int(image_hw[0]), int(image_hw[1])))
+
+
+@lru_cache(maxsize=32)
+def _cached_explicit(shapes: tuple[tuple[int, int], ...], level_wh: tuple) -> torch.Tensor:
+    return explicit_anchors(list(shapes), level_wh)
+
+
+def level_shapes_d2l(num_levels: int, min_size: float, max_size: float,
+                     ratios: list[float]) -> list[list[list[float]]]:
+    """The ``[width, height]`` of each d2l anchor per level, in :func:`multibox_prior`'s order (square input)."""
+    out = []
+    for sizes in level_sizes(num_levels, min_size, max_size):
+        shapes = [[s * math.sqrt(ratios[0]), s / math.sqrt(ratios[0])] for s in sizes]
+        shapes += [[sizes[0] * math.sqrt(r), sizes[0] / math.sqrt(r)] for r in ratios[1:]]
+        out.append(shapes)
+    return out
+
+
+def explicit_anchors(shapes: list[tuple[int, int]], level_wh) -> torch.Tensor:
+    """Anchors of given ``[width, height]`` per level (``model.anchors: auto``), centred on every cell."""
+    out = []
+    for (h, w), whs in zip(shapes, level_wh):
+        wh = torch.tensor(whs, dtype=torch.float32).reshape(-1, 2)
+        cy = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+        cx = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+        yy, xx = torch.meshgrid(cy, cx, indexing="ij")
+        centres = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 1, 4)
+        half = torch.cat([-wh, wh], dim=-1).unsqueeze(0) / 2
+        out.append((centres + half).reshape(-1, 4))
+    return torch.cat(out)

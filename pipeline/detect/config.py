@@ -36,13 +36,27 @@ class DetectModelConfig(Section):
     backbone: str = "resnet18"
     pretrained: Annotated[bool | str, PATH_KEY] = False
     img_size: int = Field(256, ge=32)
-    anchors: Literal["d2l", "torchvision"] = "d2l"
+    # auto: shapes fitted to the training boxes by k-means (IoU distance); training writes them
+    # to anchor_shapes (per feature map, per anchor [width, height] as fractions of the input)
+    anchors: Literal["d2l", "torchvision", "auto"] = "d2l"
+    anchor_shapes: list[list[list[float]]] | None = None
     min_size: float = Field(0.2, gt=0.0, le=1.0)
     max_size: float = Field(0.88, gt=0.0, le=1.5)
     ratios: list[float] = [1.0, 2.0, 0.5]
     extra_blocks: int = Field(3, ge=0, le=6)
     extra_channels: int = Field(256, ge=8)
     width: int = Field(1, ge=1, le=8)
+
+    @field_validator("anchor_shapes")
+    @classmethod
+    def _shapes_are_pairs(cls, v: list[list[list[float]]] | None) -> list[list[list[float]]] | None:
+        if v is None:
+            return v
+        if not v or any(not level or len(level) != len(v[0]) for level in v):
+            raise ValueError("must list, per feature map, the same number of [width, height] pairs")
+        if any(len(wh) != 2 or min(wh) <= 0 for level in v for wh in level):
+            raise ValueError("every anchor shape must be [width, height] with both > 0 (fractions of the input)")
+        return v
 
     @field_validator("ratios")
     @classmethod

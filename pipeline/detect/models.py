@@ -34,7 +34,8 @@ class SSD(nn.Module):
         self.num_classes = num_classes
         self.anchor_style, self.ratios = cfg.anchors, list(cfg.ratios)
         self.min_size, self.max_size = cfg.min_size, cfg.max_size
-        k = anchors_per_location(cfg.anchors, 2, cfg.ratios)
+        self.anchor_shapes = cfg.anchor_shapes if cfg.anchors == "auto" else None
+        k = len(self.anchor_shapes[0]) if self.anchor_shapes else anchors_per_location(cfg.anchors, 2, cfg.ratios)
         self.k = k
         self.cls_heads = nn.ModuleList(nn.Conv2d(c, k * (num_classes + 1), 3, padding=1) for c in channels)
         self.box_heads = nn.ModuleList(nn.Conv2d(c, k * 4, 3, padding=1) for c in channels)
@@ -55,8 +56,12 @@ class SSD(nn.Module):
                     device: torch.device) -> torch.Tensor:
         key = (tuple(shapes), tuple(image_hw), str(device))
         if key not in self._anchor_cache:
+            if self.anchor_style == "auto" and (not self.anchor_shapes or len(self.anchor_shapes) != len(shapes)):
+                raise PipelineError(
+                    f"model.anchors=auto needs fitted shapes for {len(shapes)} feature maps in model.anchor_shapes "
+                    f"(has {len(self.anchor_shapes or [])}); training fits them: leave anchor_shapes null there")
             self._anchor_cache[key] = make_anchors(self.anchor_style, shapes, self.min_size, self.max_size,
-                                                   self.ratios, image_hw).to(device)
+                                                   self.ratios, image_hw, self.anchor_shapes).to(device)
         return self._anchor_cache[key]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -108,14 +108,16 @@ def _iou(a: list[float], b: list[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def make_image(rng: np.random.Generator, photos: list[np.ndarray]) -> tuple[np.ndarray, list[tuple]]:
-    """One picture and its boxes ``(label, xmin, ymin, xmax, ymax)`` in pixels."""
+def make_image(rng: np.random.Generator, photos: list[np.ndarray],
+               object_scale: float = 1.0) -> tuple[np.ndarray, list[tuple]]:
+    """One picture and its boxes ``(label, xmin, ymin, xmax, ymax)`` in pixels; ``object_scale``
+    multiplies the objects' sizes (0.5: half the default set's)."""
     wh = (int(rng.integers(200, 341)), int(rng.integers(180, 301)))
     img = _background(rng, photos, wh)
     boxes: list[tuple] = []
     for _ in range(int(rng.integers(1, 5))):
         cls = CLASSES[rng.integers(len(CLASSES))]
-        size = int(rng.uniform(0.14, 0.45) * min(wh))
+        size = max(4, int(rng.uniform(0.14, 0.45) * object_scale * min(wh)))
         alpha = _shape_mask(cls, size, rng)
         h, w = alpha.shape
         if h >= wh[1] or w >= wh[0]:
@@ -131,8 +133,9 @@ def make_image(rng: np.random.Generator, photos: list[np.ndarray]) -> tuple[np.n
 
 
 def build_shapes(root: str | Path = "data/shapes", seed: int = 0, force: bool = False,
-                 splits: dict[str, int] | None = None) -> Path:
-    """Build the set at ``root`` (deterministic for a given ``seed``); a no-op if already built."""
+                 splits: dict[str, int] | None = None, object_scale: float = 1.0) -> Path:
+    """Build the set at ``root`` (deterministic for a given ``seed`` and ``object_scale``); a no-op
+    if already built."""
     root = Path(root)
     private = private_dir(root)
     if (root / "train" / "label.csv").is_file() and not force:
@@ -150,7 +153,7 @@ def build_shapes(root: str | Path = "data/shapes", seed: int = 0, force: bool = 
         (tmp / split / "images").mkdir(parents=True)
         rows = []
         for i in range(n):
-            img, boxes = make_image(rng, photos)
+            img, boxes = make_image(rng, photos, object_scale)
             name = f"{split}_{i:04d}.jpg"
             cv2.imwrite(str(tmp / split / "images" / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                         [cv2.IMWRITE_JPEG_QUALITY, 92])

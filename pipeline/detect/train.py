@@ -20,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from pipeline import paths
 from pipeline.config import add_config_args, config_from_args, save_config
+from pipeline.detect.anchor_fit import resolve_anchors
 from pipeline.detect.boxes import targets_for
 from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
 from pipeline.detect.data import DetectionDataset, class_names, ensure_dataset, load_split, train_transform
@@ -119,6 +120,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
         classes = class_names(cfg)
         train_split = load_split(cfg, cfg.data.train, classes)
         val_split = load_split(cfg, cfg.data.val, classes)
+        cfg = resolve_anchors(cfg, train_split, len(classes), verbose=dist.is_main)  # model.anchors: auto
         if dist.is_main:
             save_config(cfg, out_dir / paths.CONFIG)
             atomic_write_json(out_dir / paths.CLASSES, {"classes": classes})
