@@ -169,7 +169,9 @@ def test_pairwise_iou_equals_torchvision_box_iou():
 
 def _greedy_reference(anchors, boxes, thr):
     """The course's assignment for one image: threshold, then the global best pair, row and column out."""
-    iou = box_iou_ref(anchors, boxes)
+    from torchvision.ops import box_iou
+
+    iou = box_iou(anchors, boxes)
     best, idx = iou.max(dim=1)
     out = torch.where(best >= thr, idx, torch.full_like(idx, -1))
     work = iou.clone()
@@ -180,12 +182,6 @@ def _greedy_reference(anchors, boxes, thr):
         work[:, n] = -1.0
         work[a, :] = -1.0
     return out
-
-
-def box_iou_ref(a, b):
-    from torchvision.ops import box_iou
-
-    return box_iou(a, b)
 
 
 def test_batched_matching_equals_the_course_greedy_assignment_with_conflicts():
@@ -203,3 +199,31 @@ def test_batched_matching_equals_the_course_greedy_assignment_with_conflicts():
         ref = _greedy_reference(anchors, boxes[i, keep], 0.5)
         ref = torch.where(ref >= 0, keep[ref.clamp(min=0)], ref)  # back to padded box indices
         assert torch.equal(matched[i], ref), i
+
+
+def test_batched_postprocess_equals_one_image_at_a_time():
+    from torchvision.ops import batched_nms
+
+    from pipeline.detect.boxes import decode
+
+    anchors = make_anchors("d2l", [(8, 8), (4, 4), (2, 2), (1, 1)], 0.2, 0.88, [1, 2, 0.5], (64, 64))
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(5, anchors.shape[0], 4, generator=g) * 3
+    logits[3, :, 1:] = -20  # an image with nothing above the threshold
+    offsets = torch.randn(5, anchors.shape[0], 4, generator=g) * 0.3
+    for agnostic in (False, True):
+        got = postprocess(logits, offsets, anchors, score_threshold=0.3, nms_iou=0.5, pre_nms_topk=60,
+                          max_detections=7, class_agnostic=agnostic)
+        for i in range(5):  # the same steps for one image alone
+            scores = logits[i].softmax(-1)[:, 1:]
+            boxes = decode(anchors, offsets[i]).clamp(0, 1)
+            flat = scores.flatten()
+            keep = (flat > 0.3).nonzero().flatten()
+            keep = keep[flat[keep].topk(min(60, len(keep))).indices]
+            bx, sc, lb = boxes[keep // 3], flat[keep], keep % 3
+            ok = (bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])
+            bx, sc, lb = bx[ok], sc[ok], lb[ok]
+            kept = batched_nms(bx, sc, torch.zeros_like(lb) if agnostic else lb, 0.5)[:7]
+            assert torch.equal(got[i]["labels"], lb[kept]) and torch.allclose(got[i]["scores"], sc[kept])
+            assert torch.allclose(got[i]["boxes"], bx[kept])
+        assert len(got[3]["boxes"]) == 0 and sum(len(d["boxes"]) for d in got) > 10

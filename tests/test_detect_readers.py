@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.config import load_config
@@ -91,6 +92,21 @@ def test_same_model_same_map_on_every_format(shapes, tmp_path):
         assert got["n_gt"] == ref["n_gt"], fmt
         assert got["map_50"] == pytest.approx(ref["map_50"], abs=1e-6), fmt
         assert got["map_50_95"] == pytest.approx(ref["map_50_95"], abs=1e-6), fmt
+    # the same run through TTA (it trained with flips: both views, fused) and as a PredictionString file
+    assert ref["tta"] == ["x1", "x1+hflip"]
+    plain = evaluate(_cfg(shapes, "banana", runs=runs), split="val", picture=0, tta=False)
+    assert plain["tta"] == ["x1"] and plain["n_gt"] == ref["n_gt"]
+    from pipeline.detect.predict import predict
+
+    names = sorted(p.stem for p in (shapes / "val" / "images").iterdir())[::-1]
+    pd.DataFrame({"image_id": names, "PredictionString": ""}).to_csv(tmp_path / "sample.csv", index=False)
+    sub = predict(_cfg(shapes, "banana", "submission.form=prediction_string", "post.score_threshold=0.01",
+                       f"submission.sample_submission={tmp_path / 'sample.csv'}", runs=runs), split="val")
+    table = pd.read_csv(sub, keep_default_na=False)
+    assert table["image_id"].tolist() == names and table["PredictionString"].str.len().sum() > 0
+    fields = table["PredictionString"][table["PredictionString"] != ""].iloc[0].split()
+    assert len(fields) % 5 == 0 and 0 < float(fields[0]) <= 1  # score x y w h, repeated
+    assert json.loads(sub.with_suffix(".json").read_text())["tta"] == ["x1", "x1+hflip"]
 
 
 def _image(path: Path, w: int = 100, h: int = 80) -> None:

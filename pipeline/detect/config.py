@@ -116,6 +116,47 @@ class DetectPredictConfig(Section):
     draw_max: int = Field(16, ge=1)
 
 
+class DetectTtaConfig(Section):
+    # null: flip only when training flipped (train.augment.hflip > 0); true/false to force it
+    hflip: bool | None = None
+    scales: list[float] = [1.0]  # input sizes as multiples of model.img_size
+    fusion: Literal["wbf", "nms"] = "wbf"  # weighted box fusion, or NMS over the views' boxes
+    iou: float = Field(0.55, gt=0.0, le=1.0)  # boxes of one class overlapping this much are merged
+    skip_score: float = Field(0.0, ge=0.0, le=1.0)  # boxes below this score are left out of fusion
+    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_positive(cls, v: list[float]) -> list[float]:
+        if not v or any(s <= 0 or s > 4 for s in v):
+            raise ValueError("must be a non-empty list of scales in (0, 4], e.g. [1.0] or [0.8, 1.0, 1.2]")
+        return v
+
+
+class DetectEnsembleConfig(Section):
+    # other experiments whose models join this one's (same classes), merged by tta.fusion
+    experiments: list[str] = []
+    weights: list[float] | None = None  # this experiment first, then the listed ones; null: equal
+
+
+class DetectSubmissionConfig(Section):
+    # boxes: a row per box (image,label,score,xmin,ymin,xmax,ymax); prediction_string: a row per image
+    form: Literal["boxes", "prediction_string"] = "boxes"
+    prediction_string: str = "{score} {xmin} {ymin} {width} {height}"  # per box; fields in submission.py
+    coordinates: Literal["pixels", "normalized"] = "pixels"
+    id_column: str = "image_id"
+    prediction_column: str = "PredictionString"
+    image_id: Literal["stem", "name"] = "stem"  # an image's id: file name without extension, or with
+    sample_submission: str | None = None  # relative to data.root; ids and order are checked against it
+
+    @field_validator("prediction_string")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from pipeline.detect.submission import check_template
+
+        return check_template(v)
+
+
 class DetectConfig(RunConfig):
     experiment: str = "shapes_tinyssd"
     data: DetectDataConfig = DetectDataConfig()
@@ -123,3 +164,6 @@ class DetectConfig(RunConfig):
     train: DetectTrainConfig = DetectTrainConfig()
     post: DetectPostConfig = DetectPostConfig()
     predict: DetectPredictConfig = DetectPredictConfig()
+    tta: DetectTtaConfig = DetectTtaConfig()
+    ensemble: DetectEnsembleConfig = DetectEnsembleConfig()
+    submission: DetectSubmissionConfig = DetectSubmissionConfig()

@@ -20,10 +20,11 @@ from pipeline.data.images import read_image
 from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
 from pipeline.detect.data import Split, ensure_dataset, load_split
 from pipeline.detect.draw import draw_detections, grid
-from pipeline.detect.inference import ground_truth, load_trained, predict_split, run_dir
+from pipeline.detect.inference import ground_truth, load_members, predict_split, run_dir
 from pipeline.detect.layout import tried
 from pipeline.detect.metrics import ImageBoxes, evaluate_detections
 from pipeline.detect.readers import labels_location
+from pipeline.detect.tta import View, detect_views
 from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_image, atomic_write_json, read_json
@@ -73,8 +74,9 @@ def read_predictions(path: Path, split: Split, classes: list[str]) -> list[Image
 
 
 def evaluate(cfg: DetectConfig, split: str | None = None, predictions: str | Path | None = None,
-             which: str = "best", picture: int = 8) -> dict:
-    """Score the run's ``which`` checkpoint (or a predictions CSV) on a labelled split."""
+             which: str = "best", picture: int = 8, tta: bool = True) -> dict:
+    """Score the run's ``which`` checkpoint (or a predictions CSV) on a labelled split; with ``tta``
+    the views of ``cfg.tta`` (and the models of ``ensemble.experiments``) are fused first."""
     ensure_dataset(cfg)
     out_dir = run_dir(cfg)
     device = resolve_device(cfg.device)
@@ -88,10 +90,11 @@ def evaluate(cfg: DetectConfig, split: str | None = None, predictions: str | Pat
         data = labelled_split(cfg, split, classes)
         dets = read_predictions(Path(predictions), data, classes)
     else:
-        model, classes, trained = load_trained(cfg, which, device)
-        cfg = cfg.model_copy(update={"model": trained.model, "train": trained.train})
+        members, classes = load_members(cfg, which, device)
+        cfg = members[0][1]
         data = labelled_split(cfg, split, classes)
-        by_index = predict_split(model, data, cfg, device, cfg.post.eval_score_threshold)
+        by_index = predict_split(members[0][0], data, cfg, device, cfg.post.eval_score_threshold, tta=tta,
+                                 members=members)
         dets = [by_index[i] for i in range(len(data.paths))]
     gts = ground_truth(data)
     m = evaluate_detections(gts, dets, len(classes), score_threshold=cfg.post.score_threshold,
@@ -103,6 +106,8 @@ def evaluate(cfg: DetectConfig, split: str | None = None, predictions: str | Pat
         "ap_50": dict(zip(classes, m["ap_50"])), "ap_50_95": dict(zip(classes, m["ap_50_95"])),
         "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
         "score_threshold": cfg.post.score_threshold, "n_images": m["n_images"], "n_gt": m["n_gt"],
+        "tta": None if predictions else [v.name for v in (detect_views(cfg) if tta else [View()])],
+        "ensemble": None if predictions else [cfg.experiment] + list(cfg.ensemble.experiments),
     }
     atomic_write_json(out_dir / f"eval_{data.name}.json", result)
     if picture:
@@ -127,10 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="score this predictions CSV instead of running the model")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     parser.add_argument("--picture", type=int, default=8, help="images in eval_<split>.png (0: none)")
+    parser.add_argument("--no-tta", dest="tta", action="store_false",
+                        help="the plain view of this experiment's model only (no tta views, no ensemble)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, DetectConfig)
+    if not args.tta:
+        cfg = cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(update={"experiments": [], "weights": None})})
     with torch.no_grad():  # a context, not a global switch: callers may train afterwards
-        return evaluate(cfg, args.split, args.predictions, args.checkpoint, args.picture)
+        return evaluate(cfg, args.split, args.predictions, args.checkpoint, args.picture, args.tta)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pipeline.detect.data import DetectionDataset, Split, collate, eval_transfor
 from pipeline.detect.metrics import ImageBoxes
 from pipeline.detect.models import create_detector
 from pipeline.detect.postprocess import postprocess
+from pipeline.detect.tta import View, detect_views, fuse, unflip, view_size
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.progress import bar
@@ -42,31 +43,92 @@ def make_loader(ds, batch_size: int, device: torch.device, num_workers: int, shu
                       drop_last=False)
 
 
+Member = tuple  # (model, its training config, weight): one model of an ensemble
+
+
 @torch.no_grad()
-def predict_split(model: torch.nn.Module, split: Split, cfg: DetectConfig, device: torch.device,
-                  score_threshold: float, indices: list[int] | None = None,
-                  progress: bool = True) -> dict[int, ImageBoxes]:
-    """Detections for the images of ``split`` (or its ``indices``), boxes in original-image pixels."""
-    ds = DetectionDataset(split, cfg.model.img_size, eval_transform(cfg.train.augment), cache=False)
+def detect_normalised(model: torch.nn.Module, split: Split, cfg: DetectConfig, device: torch.device,
+                      score_threshold: float, indices: list[int] | None = None, view: View = View(),
+                      progress: bool = True) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One view's detections per image index: ``(boxes normalised xyxy, scores, labels)``, boxes
+    mapped back to the unflipped image."""
+    size = cfg.model.img_size if view.scale == 1.0 else view_size(cfg.model.img_size, view.scale)
+    ds = DetectionDataset(split, size, eval_transform(cfg.train.augment), cache=False)
     if indices is not None:
         ds = torch.utils.data.Subset(ds, indices)
     loader = make_loader(ds, cfg.predict.batch_size, device, cfg.train.num_workers)
     model.eval()
     sigmoid = cfg.train.loss == "focal"
-    out: dict[int, ImageBoxes] = {}
-    for images, _, _, idx in bar(loader, desc=f"detect {split.name}", leave=False, enabled=progress):
+    out: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    desc = f"detect {split.name}" + ("" if view == View() else f" {view.name}")
+    for images, _, _, idx in bar(loader, desc=desc, leave=False, enabled=progress):
+        images = images.to(device, non_blocking=True)
         with autocast(device, cfg.train.amp):
-            raw = model(images.to(device, non_blocking=True))
+            raw = model(images.flip(-1) if view.hflip else images)
         dets = postprocess(raw["cls_logits"], raw["box_offsets"], raw["anchors"],
                            score_threshold=score_threshold, nms_iou=cfg.post.nms_iou,
                            pre_nms_topk=cfg.post.pre_nms_topk, max_detections=cfg.post.max_detections,
                            sigmoid=sigmoid, class_agnostic=cfg.post.class_agnostic)
         for i, d in zip(idx.tolist(), dets):
-            w, h = split.sizes[i]
-            scale = np.array([w, h, w, h], np.float32)
-            out[i] = ImageBoxes(d["boxes"].float().cpu().numpy() * scale, d["labels"].cpu().numpy(),
-                                d["scores"].float().cpu().numpy())
+            boxes = d["boxes"].float().cpu().numpy()
+            out[i] = (unflip(boxes) if view.hflip else boxes, d["scores"].float().cpu().numpy(),
+                      d["labels"].cpu().numpy())
     return out
+
+
+def _pixels(split: Split, i: int, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> ImageBoxes:
+    w, h = split.sizes[i]
+    return ImageBoxes(boxes * np.array([w, h, w, h], np.float32), labels, scores)
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, split: Split, cfg: DetectConfig, device: torch.device,
+                  score_threshold: float, indices: list[int] | None = None, progress: bool = True,
+                  tta: bool = False, members: list[Member] | None = None) -> dict[int, ImageBoxes]:
+    """Detections for the images of ``split`` (or its ``indices``), boxes in original-image pixels.
+
+    Args:
+        tta: run the views of ``cfg.tta`` and fuse them (``tta.py``); False: the plain view only.
+        members: ``(model, training config, weight)`` of every model to merge (``model`` itself
+            when None); each runs the views its own training allows, all fused together.
+    """
+    members = members or [(model, cfg, 1.0)]
+    plan = [(m, mcfg, w, v) for m, mcfg, w in members
+            for v in (detect_views(cfg.model_copy(update={"train": mcfg.train})) if tta else [View()])]
+    if len(plan) == 1 and plan[0][3] == View():
+        m, mcfg = plan[0][:2]
+        dets = detect_normalised(m, split, mcfg, device, score_threshold, indices, progress=progress)
+        return {i: _pixels(split, i, b, lab, s) for i, (b, s, lab) in dets.items()}
+    # views detect at the evaluation threshold: a box weak in one view may be strong once fused
+    low = min(score_threshold, cfg.post.eval_score_threshold)
+    runs = [detect_normalised(m, split, mcfg, device, low, indices, v, progress) for m, mcfg, _, v in plan]
+    weights = [float(w) for _, _, w, _ in plan]
+    out: dict[int, ImageBoxes] = {}
+    for i in runs[0]:
+        b, s, lab = fuse([r[i] for r in runs], weights, cfg.tta.iou, cfg.tta.skip_score, cfg.tta.conf_type,
+                         cfg.tta.fusion)
+        keep = np.flatnonzero(s >= score_threshold)[:cfg.post.max_detections]
+        out[i] = _pixels(split, i, b[keep], lab[keep], s[keep])
+    return out
+
+
+def load_members(cfg: DetectConfig, which: str, device: torch.device | str) -> tuple[list[Member], list[str]]:
+    """This experiment's model and those of ``ensemble.experiments``, with their training configs and
+    weights; every member must know the same classes."""
+    names = [cfg.experiment] + [e for e in cfg.ensemble.experiments if e != cfg.experiment]
+    weights = cfg.ensemble.weights or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise PipelineError(f"ensemble.weights has {len(weights)} value(s) for {len(names)} model(s) "
+                            f"({', '.join(names)}): give one per model, this experiment first")
+    members, classes = [], None
+    for name, w in zip(names, weights):
+        model, cls, trained = load_trained(cfg.model_copy(update={"experiment": name}), which, device)
+        if classes is not None and cls != classes:
+            raise PipelineError(f"ensemble: {name} was trained on classes {cls}, {names[0]} on {classes}; "
+                                "only models of the same classes can be merged")
+        classes = cls
+        members.append((model, cfg.model_copy(update={"model": trained.model, "train": trained.train}), w))
+    return members, classes
 
 
 def ground_truth(split: Split) -> list[ImageBoxes]:

@@ -1,9 +1,11 @@
 """Detect objects in a split: ``python -m pipeline.detect.predict [--split test] [--draw]``.
 
 Writes ``runs/<experiment>/predictions.csv`` (``image,label,score,xmin,ymin,xmax,ymax`` in pixels
-of the original images, detections scoring at least ``post.score_threshold``), the same table
-as a never-overwritten submission ``submissions/<experiment>_<timestamp>.csv`` + ``.json``, and
-with ``--draw`` the images with their boxes in ``runs/<experiment>/predictions/``.
+of the original images, detections scoring at least ``post.score_threshold``), a never-overwritten
+submission ``submissions/<experiment>_<timestamp>.csv`` + ``.json`` (that table, or a row per
+image with a ``PredictionString``: ``submission.*``, see ``submission.py``), and with ``--draw``
+the images with their boxes in ``runs/<experiment>/predictions/``. The views of ``tta`` and the
+models of ``ensemble.experiments`` are fused by weighted box fusion (``--no-tta``: neither).
 """
 from __future__ import annotations
 
@@ -21,24 +23,28 @@ from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
 from pipeline.detect.data import ensure_dataset, load_split
 from pipeline.detect.draw import draw_detections
 from pipeline.detect.evaluate import PRED_COLUMNS
-from pipeline.detect.inference import load_trained, predict_split, run_dir
+from pipeline.detect.inference import load_members, predict_split, run_dir
+from pipeline.detect.submission import prediction_string_table
+from pipeline.detect.tta import View, detect_views
 from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_image, atomic_write_json
 from pipeline.progress import bar
 
 
-def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = None, which: str = "best") -> Path:
-    """Run the trained detector on ``split`` (default ``predict.split``); returns the submission path."""
+def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = None, which: str = "best",
+            tta: bool = True) -> Path:
+    """Run the trained detector on ``split`` (default ``predict.split``), with the views of ``cfg.tta``
+    and the models of ``ensemble.experiments`` fused unless ``tta`` is False; returns the submission path."""
     ensure_dataset(cfg)
     split = split or cfg.predict.split or cfg.data.test
     if not split:
         raise PipelineError("no split to predict: data.test is null; pass --split NAME (e.g. --split val)")
     device = resolve_device(cfg.device)
-    model, classes, trained = load_trained(cfg, which, device)
-    cfg = cfg.model_copy(update={"model": trained.model, "train": trained.train})
+    members, classes = load_members(cfg, which, device)
+    cfg = members[0][1]
     data = load_split(cfg, split, classes)
-    dets = predict_split(model, data, cfg, device, cfg.post.score_threshold)
+    dets = predict_split(members[0][0], data, cfg, device, cfg.post.score_threshold, tta=tta, members=members)
     rows = []
     for i, name in enumerate(data.images):
         d = dets[i]
@@ -47,14 +53,20 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
     table = pd.DataFrame(rows, columns=PRED_COLUMNS)
     out_dir = run_dir(cfg)
     atomic_write_csv(out_dir / paths.DETECTIONS, table)
+    form = cfg.submission
+    submitted = table if form.form == "boxes" else prediction_string_table(data, dets, classes, form, cfg.data.root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sub = Path(cfg.paths.submissions) / f"{cfg.experiment}_{stamp}.csv"
-    atomic_write_csv(sub, table, overwrite=False)
+    atomic_write_csv(sub, submitted, overwrite=False)
     atomic_write_json(sub.with_suffix(".json"), {
         "experiment": cfg.experiment, "checkpoint": str(out_dir / paths.checkpoint_name(which)), "split": split,
         "n_images": len(data.images), "n_detections": len(table), "classes": classes,
         "score_threshold": cfg.post.score_threshold, "nms_iou": cfg.post.nms_iou,
         "class_agnostic_nms": cfg.post.class_agnostic, "img_size": cfg.model.img_size,
+        "tta": [v.name for v in (detect_views(cfg) if tta else [View()])], "tta_fusion": cfg.tta.fusion,
+        "ensemble": [m[1].experiment for m in members] if len(members) > 1 else None,
+        "ensemble_weights": [m[2] for m in members] if len(members) > 1 else None,
+        "submission": form.model_dump(mode="json"),
     }, overwrite=False)
     if cfg.predict.draw if draw is None else draw:
         for i in bar(range(min(cfg.predict.draw_max, len(data.images))), desc="draw", leave=False):
@@ -70,10 +82,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--split", default=None, help="split folder under data.root (default: predict.split, else data.test)")
     parser.add_argument("--draw", action="store_true", default=None, help="also write images with boxes drawn")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--no-tta", dest="tta", action="store_false",
+                        help="the plain view of this experiment's model only (no tta views, no ensemble)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, DetectConfig)
+    if not args.tta:
+        cfg = cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(update={"experiments": [], "weights": None})})
     with torch.no_grad():  # a context, not a global switch: callers may train afterwards
-        return predict(cfg, args.split, args.draw, args.checkpoint)
+        return predict(cfg, args.split, args.draw, args.checkpoint, args.tta)
 
 
 if __name__ == "__main__":
