@@ -194,3 +194,12 @@ def test_voc_unknown_class_and_missing_image(tmp_path):
     (tmp_path / "train" / "Annotations" / "b.xml").unlink()
     split = load_split(cfg, "train", ["cat", "dog"])
     assert split.images == ["a.jpg"] and split.boxes[0].tolist() == [[1, 2, 30, 40]]
+
+
+@pytest.mark.parametrize("name", ["coco_ssd.yaml", "yolo_ssd.yaml", "voc_ssd.yaml", "banana_ssd.yaml"])
+def test_every_detection_recipe_validates(name):
+    cfg = load_config(REPO / "configs" / name, schema=DetectConfig)
+    fmt = name.split("_")[0]
+    assert cfg.data.format == ("banana" if fmt == "banana" else fmt)
+    if fmt != "banana":  # the recipes for a user's own folder fit the anchors and train to a budget
+        assert cfg.model.anchors == "auto" and cfg.train.time_budget and cfg.data.build is None

@@ -97,6 +97,16 @@ class DetectTrainConfig(Section):
     num_workers: int = Field(0, ge=0)
     eval_every: int = Field(1, ge=1)
     max_minutes: float | None = Field(None, gt=0.0)
+    # wall time for the whole training ("10m", "1h30m", "90s"): picks the epochs (engine/budget.py)
+    time_budget: str | None = None
+
+    @field_validator("time_budget")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        from pipeline.engine.budget import parse_duration
+
+        parse_duration(v)
+        return v
     augment: DetectAugmentConfig = DetectAugmentConfig()
 
 

@@ -28,6 +28,7 @@ from pipeline.detect.inference import autocast, ground_truth, make_loader, predi
 from pipeline.detect.loss import MultiBoxLoss
 from pipeline.detect.metrics import evaluate_detections
 from pipeline.detect.models import create_detector
+from pipeline.engine.budget import EpochBudget, parse_duration, retarget_scheduler
 from pipeline.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from pipeline.engine.distributed import all_gather_object, barrier, cleanup, init_distributed, reduce_mean
 from pipeline.engine.seed import seed_everything, seed_worker
@@ -102,8 +103,20 @@ def _state(model, cfg, classes, epoch, best, **extra) -> dict:
             "epoch": epoch, "best_metric": best, **extra}
 
 
+def detect_budget(cfg: DetectConfig) -> EpochBudget | None:
+    """``train.time_budget`` for this training, clock started now; what follows the last epoch is
+    one validation of the best weights (when they are not the last)."""
+    seconds = parse_duration(cfg.train.time_budget)
+    if seconds is None:
+        return None
+    budget = EpochBudget(seconds, cfg.train.epochs, reserve=lambda val_s: val_s, name=cfg.experiment)
+    budget.start()
+    return budget
+
+
 def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
     """Train ``cfg.model`` on ``data.train``, validating on ``data.val``; returns metrics.json's content."""
+    budget = detect_budget(cfg)
     dist = init_distributed(cfg.device)
     device = dist.device
     out_dir = run_dir(cfg)
@@ -180,7 +193,9 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                   f"{classes}, {cfg.train.epochs} epochs, device {device}, world size {dist.world_size}")
         t0 = time.perf_counter()
         metrics_val: dict = {}
-        for epoch in range(start_epoch, cfg.train.epochs):
+        total = cfg.train.epochs
+        epoch = start_epoch
+        while epoch < total:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg, device, epoch,
@@ -191,9 +206,12 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                    "box_loss": stats["box_loss"], "val_map_50": float("nan"), "val_map_50_95": float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
                    "epoch_time_s": stats["epoch_time_s"]}
-            final = epoch == cfg.train.epochs - 1
-            if (epoch + 1) % cfg.train.eval_every == 0 or final:
+            final = epoch == total - 1
+            val_s = 0.0
+            if (epoch + 1) % cfg.train.eval_every == 0 or final or budget is not None:
+                tv = time.perf_counter()
                 metrics_val = validate(model, val_split, cfg, device, dist)
+                val_s = time.perf_counter() - tv
                 row.update(val_map_50=metrics_val["map_50"], val_map_50_95=metrics_val["map_50_95"])
                 if metrics_val["map_50_95"] > best:
                     best, best_epoch = metrics_val["map_50_95"], epoch
@@ -211,11 +229,20 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
                 print(f"epoch {epoch:3d}  loss {row['train_loss']:.3f} (cls {row['cls_loss']:.3f} box {row['box_loss']:.3f})"
                       f"  val mAP@.5 {row['val_map_50']:.3f}  mAP@.5:.95 {row['val_map_50_95']:.3f}"
                       f"  {row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.0f}s", flush=True)
+            if budget is not None:
+                planned, message = budget.after_epoch(epoch + 1, stats["epoch_time_s"] + val_s, val_s)
+                planned = all_gather_object(planned, dist)[0]  # rank 0 decides: clocks differ between ranks
+                if message and dist.is_main:
+                    print(message, flush=True)
+                if planned != total:
+                    retarget_scheduler(scheduler, planned, steps)
+                    total = planned
             if cfg.train.max_minutes and elapsed > cfg.train.max_minutes * 60 and not final:
                 if dist.is_main:
                     print(f"stopping after epoch {epoch}: train.max_minutes={cfg.train.max_minutes} reached")
                 if not math.isnan(row["val_map_50_95"]):
                     break
+            epoch += 1
         train_time = prior_time + time.perf_counter() - t0
         # report the best checkpoint's validation metrics (the one evaluate/predict use)
         barrier(dist)  # best.pt is written by the main rank; every rank scores the same weights
@@ -232,6 +259,8 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             "score_threshold": cfg.post.score_threshold, "split": cfg.data.val,
             "n_train": len(train_split.paths), "n_val": len(val_split.paths), "train_time_s": train_time,
             "images_per_s": float(np.mean([h["images_per_s"] for h in history])), "complete": True,
+            "time_budget_s": budget.seconds if budget else None,
+            "time_budget_notes": budget.notes if budget else [],
         }
         if dist.is_main:
             atomic_write_json(out_dir / paths.METRICS, result)

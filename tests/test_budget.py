@@ -1,0 +1,81 @@
+"""train.time_budget: durations, epochs chosen from timed epochs (cut on a slow fake), the plan
+frozen half way, a stop when the next epoch would overrun, and the run clock's fold shares."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.engine.budget import EpochBudget, RunClock, parse_duration, retarget_scheduler
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_parse_duration():
+    assert parse_duration("10m") == 600 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("1.5h") == 5400 and parse_duration(45) == 45 and parse_duration("120") == 120
+    assert parse_duration(None) is None
+    for bad in ("10 minutes", "m", "-5m", "0"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def _run(budget: EpochBudget, clock: FakeClock, epoch_s, val_s: float = 2.0, limit: int = 100) -> list[str]:
+    """Train under ``budget`` as fit does: epochs of ``epoch_s(i)`` fake seconds until the plan is done."""
+    budget.start()
+    done, planned, messages = 0, budget.configured, []
+    while done < planned and done < limit:
+        clock.now += epoch_s(done)
+        done += 1
+        planned, msg = budget.after_epoch(done, epoch_s(done - 1), val_s)
+        messages.append(msg)
+    return messages
+
+
+def test_slow_epochs_cut_the_configured_epochs():
+    clock = FakeClock()
+    budget = EpochBudget(seconds=100, configured=30, clock=clock, reserve=lambda v: 2 * v)
+    msgs = _run(budget, clock, lambda i: 10.0)
+    # 100 s less 4 s kept for what follows, at 10 s an epoch: 9 epochs, not the 30 asked for
+    assert budget.planned == 9 and len(budget.epoch_times) == 9 and clock.now == 90
+    assert "planning 9 epoch(s) (train.epochs=30, CUT)" in msgs[0]
+    assert budget.notes == ["time budget cut 30 epochs to 9"]
+
+
+def test_fast_epochs_fill_the_budget_and_the_first_slow_epoch_is_discounted():
+    clock = FakeClock()
+    budget = EpochBudget(seconds=100, configured=5, clock=clock, reserve=lambda v: 0.0)
+    _run(budget, clock, lambda i: 20.0 if i == 0 else 5.0)  # the first epoch fills caches
+    assert budget.planned == 17 and clock.now == 100  # 20 + 16 x 5: the budget used to the second
+    assert not budget.notes
+
+
+def test_plan_freezes_half_way_then_stops_rather_than_overrun():
+    clock = FakeClock()
+    budget = EpochBudget(seconds=100, configured=10, clock=clock, reserve=lambda v: 0.0)
+    msgs = _run(budget, clock, lambda i: 10.0 if i < 5 else 30.0)  # the machine slows down late
+    assert clock.now <= 100 + 1e-9 and budget.planned == len(budget.epoch_times) < 10
+    assert any("stopping after epoch" in m for m in msgs)
+
+
+def test_retarget_and_run_clock(tmp_path):
+    import torch
+    from timm.scheduler import CosineLRScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CosineLRScheduler(opt, t_initial=300, lr_min=0.0, t_in_epochs=False)
+    retarget_scheduler(sched, 5, 10)
+    sched.step_update(50)
+    assert sched.t_initial == 50 and opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-6)
+    clock = RunClock(started=1000.0, seconds=600, folds=[0, 1, 2], lanes=1)
+    clock.write(tmp_path)
+    back = RunClock.read(tmp_path)
+    assert back == clock and back.active(600, now=1100) and not back.active(300, now=1100)
+    assert not back.active(600, now=1700)
+    assert back.fold_share(0, 3, now=1060) == pytest.approx(180)  # 540 s left over 3 folds
+    assert RunClock(1000.0, 600, [0, 1, 2, 3], lanes=2).fold_share(0, 4, now=1000) == pytest.approx(300)
+
