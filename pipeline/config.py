@@ -76,6 +76,7 @@ class PathsConfig(Section):
     work: PathStr = "work"
     runs: PathStr = "runs"
     submissions: PathStr = "submissions"
+    packages: PathStr = "packages"
 
 
 class CompetitionConfig(Section):
@@ -247,6 +248,26 @@ class EnsembleConfig(Section):
     name: str | None = None
 
 
+# What a Kaggle GPU/CPU image is assumed to provide (pip distribution names): the package's wheels
+# are installed on top of these with pip --no-index, and the rehearsal's fresh venv sees exactly these.
+KAGGLE_PROVIDED = ["torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "scikit-learn",
+                   "scipy", "pandas", "numpy", "pyyaml", "pydantic", "tqdm", "matplotlib", "wandb", "ipykernel"]
+
+
+class PackageConfig(Section):
+    """``pipeline.package``: what goes into an inference package and the target it must run on."""
+
+    name: str | None = None  # folder under paths.packages; default: the submission's name
+    dtype: Literal["float32", "float16"] = "float32"
+    extra_wheels: list[str] = []  # dependencies the target image lacks (fetched with --with-deps)
+    provided: list[str] = KAGGLE_PROVIDED
+    python_version: str = "3.11"  # of the target image, for pip download --with-deps
+    platform: str = "manylinux2014_x86_64"
+    kaggle_input: str = "/kaggle/input"
+    target: str = "cpu"  # t4x2 | p100 | cpu | <factor>: target seconds per local second
+    limit: str = "9h"
+
+
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "kaggle-pipeline"
@@ -290,6 +311,7 @@ class Config(RunConfig):
     tta: list[TtaName] = ["identity"]
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    package: PackageConfig = PackageConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

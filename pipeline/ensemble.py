@@ -45,6 +45,14 @@ def _true_class_probs(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return probs[:, np.arange(len(y)), y].T
 
 
+def average_folds(fold_probs: list[np.ndarray]) -> np.ndarray:
+    """A member's test probabilities: the plain mean of its folds' ``(N, C)`` probabilities.
+
+    Shared with ``pipeline.infer``, so a package predicts exactly what the ensemble blended.
+    """
+    return sum(fold_probs) / len(fold_probs)
+
+
 def blend(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Weighted average of ``(M, N, C)`` probabilities."""
     return np.tensordot(np.asarray(weights, dtype=np.float64), probs, axes=1)
@@ -274,7 +282,7 @@ def load_experiment(cfg: Config, name: str) -> ExperimentPredictions:
         if not t.index.sort_values().equals(images.sort_values()):
             raise PipelineError(f"experiment {name!r}: fold{k}/test.csv covers other images than fold{folds[0]}; "
                                 "predict every fold again")
-    test = sum(t.loc[images, classes].to_numpy(np.float64) for t in tests) / len(tests)
+    test = average_folds([t.loc[images, classes].to_numpy(np.float64) for t in tests])
     test_df = pd.DataFrame(test, columns=classes)
     test_df.insert(0, "image", images.to_numpy())
     return ExperimentPredictions(name, classes, folds, oof, oof_tta, test_df, tta)

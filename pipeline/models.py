@@ -88,6 +88,26 @@ def create_classifier(model_cfg: ModelConfig, num_classes: int) -> torch.nn.Modu
     return model
 
 
+def load_classifier(model_cfg: ModelConfig, num_classes: int, state: dict[str, torch.Tensor],
+                    source: str) -> torch.nn.Module:
+    """``model_cfg.backbone`` with ``num_classes`` outputs holding the weights ``state`` (CPU, eval mode).
+
+    The one way a trained model is rebuilt, by ``pipeline.predict`` from a fold's checkpoint and by
+    ``pipeline.infer`` from a package: float16 weights are copied into the float32 model.
+
+    Raises:
+        PipelineError: the weights do not fit the backbone and class count (names ``source``).
+    """
+    # No pretrained download: the state dict holds every weight.
+    model = create_classifier(model_cfg.model_copy(update={"pretrained": False}), num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise PipelineError(f"{source}: the weights do not fit {model_cfg.backbone} with {num_classes} classes "
+                            f"({str(exc).splitlines()[0]}); retrain the fold") from None
+    return model.eval()
+
+
 def _check_file_matched(model: torch.nn.Module, path: Path) -> None:
     """timm loads a file non-strictly when the head is replaced; make sure the body did load."""
     from timm.models import load_state_dict

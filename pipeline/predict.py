@@ -111,7 +111,7 @@ def _prob_frame(images: list[str], probs: np.ndarray, classes: list[str], labels
 
 def load_fold_model(cfg: Config, fold: int, device: torch.device) -> tuple[torch.nn.Module, Config, list[str], str]:
     """The fold's best model on ``device`` in eval mode, its training config, classes and which weights."""
-    from pipeline.models import create_classifier
+    from pipeline.models import load_classifier
 
     d = paths.fold_dir(cfg, fold)
     best = d / paths.BEST
@@ -128,17 +128,17 @@ def load_fold_model(cfg: Config, fold: int, device: torch.device) -> tuple[torch
     # EMA weights only when training judged them better (metrics.used_ema), so OOF and TTA OOF match.
     use_ema = cfg.predict.use_ema and ckpt.get("ema") is not None and bool(metrics.get("used_ema", True))
     state = ckpt["ema"] if use_ema else ckpt["model"]
-    model_cfg = train_cfg.model.model_copy(update={"pretrained": False})  # the state dict holds every weight
-    model = create_classifier(model_cfg, len(classes))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise PipelineError(f"{best}: the weights do not fit {model_cfg.backbone} with {len(classes)} classes "
-                            f"({str(exc).splitlines()[0]}); retrain the fold") from None
+    model = load_classifier(train_cfg.model, len(classes), state, str(best))
     model.to(device).eval()
     if train_cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, train_cfg, classes, "ema" if use_ema else "model"
+
+
+def model_views(model: torch.nn.Module, tta: list[str], flips: bool, crop_scale: float):
+    """The TTA views of ``tta`` for ``model`` (``scale_`` views act as ``zoom_`` on fixed-size models)."""
+    fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
+    return build_views(tta, flips=flips, crop_scale=crop_scale, fixed_size=fixed)
 
 
 def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -161,8 +161,7 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
     comp = load_competition(cfg.competition)
     aug = train_cfg.train.augment
     flips = flips_allowed(cfg.predict.tta_flips, aug.hflip, aug.vflip)
-    fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
-    views, dropped = build_views(cfg.tta, flips=flips, crop_scale=cfg.predict.crop_scale, fixed_size=fixed)
+    views, dropped = model_views(model, cfg.tta, flips, cfg.predict.crop_scale)
     if dropped and not quiet:
         print(f"predict: flips off (training used none; set predict.tta_flips=true to keep them): "
               f"dropped {', '.join(dropped)}")

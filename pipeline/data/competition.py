@@ -233,6 +233,22 @@ def _test_table(cfg: CompetitionConfig, root: Path, sample: pd.DataFrame, sample
     return test, name, 2
 
 
+def read_test_table(cfg: CompetitionConfig, root: Path, sample: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The test table alone (id, image, path) from ``test_dir`` or ``test_csv`` under ``root``: no train.csv.
+
+    For ``pipeline.infer`` on a hidden test set. Raises one :class:`DataError` listing every missing image.
+    """
+    if sample is None and not (cfg.test_dir or cfg.test_csv):
+        raise DataError("the test ids come from the sample submission (competition.test_csv and test_dir are "
+                        "null); give the sample submission")
+    sample = sample if sample is not None else pd.DataFrame({cfg.id_column: []})
+    test, name, first_line = _test_table(cfg, root, sample, cfg.sample_submission)
+    problems = _duplicates(test, "id", name, first_line) + _check_paths(test, root, name, first_line)[0]
+    _raise_if(problems, f"test images under {root}")
+    test["path"] = [str(root.resolve() / p) for p in test["image"]]
+    return test
+
+
 def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: bool = True) -> Competition:
     """Read and check the competition folder described by ``cfg``.
 
