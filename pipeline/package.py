@@ -97,7 +97,7 @@ def blend_meta(cfg: Config, submission: str | None = None, experiments: list[str
 
 
 def _fold_settings(cfg: Config, name: str, fold: int) -> dict[str, Any]:
-    p = paths.fold_dir(cfg, fold, name) / "predict.json"
+    p = paths.fold_dir(cfg, fold, name) / paths.PREDICT
     if not p.is_file():
         raise PipelineError(f"{p} does not exist; run python -m pipeline.predict --all-folds --set experiment={name}")
     info = read_json(p)
@@ -305,7 +305,7 @@ def write_package(cfg: Config, meta: dict[str, Any], source: Path, members: list
     from pipeline.predict import load_fold_model
 
     say = (lambda *a: None) if quiet else print
-    out = Path(cfg.paths.packages) / name
+    out = paths.package_dir(cfg, name)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; give another --name or --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,13 @@ def submissions_dir(cfg: Any) -> Path:
 def analysis_dir(cfg: Any, experiment: str | None = None, blend: bool = False) -> Path:
     """``runs/<experiment>/analysis/``, or ``work/<competition>/analysis/`` for the blend."""
     return work_dir(cfg) / ANALYSIS if blend else run_dir(cfg, experiment) / ANALYSIS
+
+
+def package_dir(cfg: Any, name: str) -> Path:
+    """``packages/<name>/``: an inference package (its inside is named by pipeline.package_files)."""
+    return Path(cfg.paths.packages) / name
+
+
+def rehearsal_dir(cfg: Any, name: str) -> Path:
+    """Where ``pipeline.package --rehearse`` builds its fresh venv and replicated test set."""
+    return work_dir(cfg) / "rehearsal" / name
