@@ -77,7 +77,7 @@ def newest_submission(cfg: Config) -> Path:
 def blend_meta(cfg: Config, submission: str | None = None, experiments: list[str] | None = None,
                quiet: bool = False) -> tuple[dict[str, Any], Path]:
     """The recorded blend (experiments, folds, weights) to package, and its submission JSON."""
-    from pipeline.ensemble import inputs_fingerprint, run_ensemble
+    from pipeline.ensemble import run_ensemble
 
     if experiments:
         result = run_ensemble(cfg, experiments, quiet=quiet)
@@ -90,9 +90,14 @@ def blend_meta(cfg: Config, submission: str | None = None, experiments: list[str
     for key in ("experiments", "weights", "folds"):
         if key not in meta:
             raise PipelineError(f"{js} has no {key!r}; it was not written by pipeline.ensemble: blend again")
-    if meta.get("fingerprint") and inputs_fingerprint(cfg, meta["experiments"]) != meta["fingerprint"]:
-        raise PipelineError(f"{js}: the predictions of {meta['experiments']} changed since this submission was "
-                            "made, so the package would not reproduce it: run python -m pipeline.ensemble again")
+    made = js.stat().st_mtime
+    for name in meta["experiments"]:
+        for k in meta["folds"][name]:
+            test = paths.fold_dir(cfg, int(k), name) / paths.TEST
+            if not test.is_file() or test.stat().st_mtime > made:
+                raise PipelineError(f"{js}: {test} is {'missing' if not test.is_file() else 'newer'}: the predictions "
+                                    "changed since this submission was made, so a package would not reproduce it; "
+                                    "run python -m pipeline.ensemble again")
     return meta, js
 
 
