@@ -219,3 +219,31 @@ def test_the_notebook_runs_under_nbclient(blended, tmp_path, monkeypatch):
     sub = pd.read_csv(work / "submission.csv", dtype=str, keep_default_na=False)
     pd.testing.assert_frame_equal(sub, expected)
     assert json.loads((work / "infer_report.json").read_text())["validated"] is True
+
+
+@pytest.mark.slow
+def test_rehearsal_passes_in_a_fresh_offline_venv_and_fails_a_tiny_limit(blended, tmp_path):
+    """The real install: a venv that sees only the target image's distributions, no index, the notebook."""
+    from pipeline.rehearse import rehearse
+
+    cfg, result, pkg = blended
+    report = rehearse(cfg, pkg, scale=2, hidden_size=5000, limit_s=9 * 3600, target="cpu")
+    assert report["passed"], report["verdict"]
+    assert report["images"] == 2 * 359 and report["csv_ok"] and report["install_s"] > 0
+    assert report["images_per_s"] > 0 and report["peak_rss_mb"] > 0 and report["projected_s"] > 0
+    assert "pipeline" not in report["provided"] and "torch" in report["provided"]
+    tiny = rehearse(cfg, pkg, scale=1, hidden_size=5000, limit_s=1.0, target="cpu")
+    assert not tiny["passed"] and "exceeds the limit" in tiny["verdict"] and "by" in tiny["verdict"]
+
+
+@pytest.mark.slow
+def test_rehearsal_fails_when_the_image_lacks_a_dependency(blended):
+    """An image with torch but no timm (and no wheel of it in the package): pip --no-index cannot install."""
+    from pipeline.rehearse import rehearse
+
+    cfg, _, pkg = blended
+    cfg = cfg.model_copy(deep=True)
+    cfg.package.provided = ["torch", "ipykernel"]
+    report = rehearse(cfg, pkg, scale=1, limit_s=9 * 3600)
+    assert "timm" not in report["provided"]
+    assert not report["passed"] and "pip" in report["verdict"] and not report["csv_ok"]
