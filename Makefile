@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint clean-outputs
+.PHONY: setup demo package test test-all lint clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m pipeline.run
 	$(BIN)/python -m pipeline.run --config configs/digits_resnet18.yaml
+
+# Code competitions: package the newest blend (after make demo) for offline inference, then rehearse it:
+# a fresh venv without an index, the package's notebook on the test images x2, projected to 10,000 images.
+package: setup
+	$(BIN)/python -m pipeline.package --rehearse --force --scale 2 --hidden-size 10000 --limit 9h
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
