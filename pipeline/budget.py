@@ -46,14 +46,16 @@ def seconds_per_forward(cfg: Config, member, n_images: int = 64, rounds: int = 3
     return float(np.median(times)), len(views)
 
 
-def _oof_log_loss(cfg: Config, names: list[str], oofs: dict[str, np.ndarray], plain: dict[str, np.ndarray],
+def _oof_log_loss(ens, names: list[str], oofs: dict[str, np.ndarray], plain: dict[str, np.ndarray],
                   y: np.ndarray) -> tuple[float, np.ndarray]:
     """OOF log loss of the blend of ``names`` with weights chosen as pipeline.ensemble chooses them."""
     from pipeline.ensemble import blend_members
     from pipeline.metrics import log_loss
 
+    if ens.method == "fixed":
+        ens = ens.model_copy(update={"weights": {n: w for n, w in ens.weights.items() if n in names}})
     oof = np.stack([oofs[n] for n in names])
-    b = blend_members(cfg.ensemble, oof, np.stack([plain[n] for n in names]), oof, y, names)
+    b = blend_members(ens, oof, np.stack([plain[n] for n in names]), oof, y, names)
     return log_loss(b.oof, y), np.asarray(b.weights, dtype=np.float64)
 
 
@@ -64,10 +66,15 @@ def fit_budget(cfg: Config, members: list, meta: dict[str, Any], budget_s: float
     from pipeline.rehearse import target_factor
 
     say = (lambda *a: None) if quiet else print
-    if cfg.ensemble.method == "stack":
+    if meta.get("method") == "stack":
         raise PipelineError("--budget: ensemble.method=stack blends with a fitted level-2 model that a package "
                             "does not carry; blend with optimize, caruana or hill_climb to package")
     factor, source = target_factor(target)
+    # The blend's own rule (the submission's), not whatever the config says today.
+    ens = cfg.ensemble.model_copy(update={"method": meta.get("method", cfg.ensemble.method),
+                                          "merge": meta.get("merge", cfg.ensemble.merge),
+                                          "power": float(meta.get("power", cfg.ensemble.power)),
+                                          "weights": dict(meta.get("weights", {}))})
     exps = {m.name: load_experiment(cfg, m.name) for m in members}
     first = exps[members[0].name]
     classes = first.classes
@@ -83,7 +90,7 @@ def fit_budget(cfg: Config, members: list, meta: dict[str, Any], budget_s: float
         cost[m.name] = hidden_size * len(m.folds) * n_views * sec * factor
         rows.append((m.name, len(m.folds), n_views, sec))
     names = [m.name for m in members]
-    ll, w = _oof_log_loss(cfg, names, oofs, plain, y)
+    ll, w = _oof_log_loss(ens, names, oofs, plain, y)
     say(f"budget: {budget_s / 3600:.2f}h for {hidden_size} images on {target} (x{factor:g}, {source})")
     say(f"{'member':<28} {'folds':>5} {'views':>5} {'ms/img/view':>11} {'cost':>9} {'weight':>7}")
     for (n, k, v, sec), wi in zip(rows, w):
@@ -93,7 +100,7 @@ def fit_budget(cfg: Config, members: list, meta: dict[str, Any], budget_s: float
         options = []
         for n in names:
             rest = [r for r in names if r != n]
-            ll_rest, w_rest = _oof_log_loss(cfg, rest, oofs, plain, y)
+            ll_rest, w_rest = _oof_log_loss(ens, rest, oofs, plain, y)
             options.append(((ll_rest - ll) / max(cost[n], 1e-9), n, ll_rest, w_rest))
         _, n, ll_new, w = min(options)
         say(f"budget: drop {n}: saves {cost[n] / 3600:.2f}h, OOF log loss {ll:.4f} -> {ll_new:.4f}")

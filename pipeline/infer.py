@@ -208,11 +208,14 @@ def predict_group(models: list[FoldModel], paths: list[str], batch_size: int, nu
 
 
 def blend_members(spec: dict[str, Any], fold_probs: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
-    """Fold averaging then weighted member averaging, with pipeline.ensemble's own functions."""
-    from pipeline.ensemble import average_folds, blend
+    """Fold averaging then the weighted member merge (mean | power | rank), with the ensemble's own functions."""
+    from pipeline.blending import merged
+    from pipeline.ensemble import average_folds
 
     members = [average_folds([fold_probs[(m["name"], k)] for k in m["folds"]]) for m in spec["members"]]
-    return blend(np.stack(members), np.array([float(m["weight"]) for m in spec["members"]]))
+    rule = spec.get("member_merge", {"merge": "mean"})
+    return merged(np.stack(members), np.array([float(m["weight"]) for m in spec["members"]]),
+                  merge=rule["merge"], power=float(rule.get("power", 2.0)))
 
 
 def _sample_form(spec: dict[str, Any], ids: list[str]) -> pd.DataFrame:
@@ -317,8 +320,10 @@ def check_package(package: str | Path, device: str = "auto", quiet: bool = False
     models = load_models(root, spec, dev)
     for m in models:
         size = m.train_cfg.train.img_size
+        # The image side too: cv2 (opencv-python or -headless) and the member's albumentations transform.
+        x = member_transform(m.train_cfg)(image=np.zeros((size, size, 3), np.uint8))["image"][None].to(dev)
         with torch.inference_mode():
-            y = m.model(torch.zeros(1, 3, size, size, device=dev))
+            y = m.model(x)
         if tuple(y.shape) != (1, len(spec["classes"])):
             raise PipelineError(f"{pf.weights_file(m.member, m.fold)}: the model gives {tuple(y.shape)} outputs, "
                                 f"expected (1, {len(spec['classes'])})")

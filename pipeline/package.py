@@ -90,6 +90,10 @@ def blend_meta(cfg: Config, submission: str | None = None, experiments: list[str
     for key in ("experiments", "weights", "folds"):
         if key not in meta:
             raise PipelineError(f"{js} has no {key!r}; it was not written by pipeline.ensemble: blend again")
+    if meta.get("method") == "stack" or "stack" in meta:
+        raise PipelineError(f"{js} is a stacked blend (ensemble.method=stack): its level-2 model is fitted in the "
+                            "ensemble stage and not saved, so a package cannot reproduce it; blend with optimize, "
+                            "caruana or hill_climb (any ensemble.merge) to package")
     made = js.stat().st_mtime
     for name in meta["experiments"]:
         for k in meta["folds"][name]:
@@ -155,14 +159,38 @@ def build_wheels(dest: Path, cfg: Config, with_deps: bool, quiet: bool = False) 
         # packagings at once would share them.
         src = Path(tmp) / "src"
         src.mkdir()
-        for f in ("pyproject.toml", "README.md"):
-            shutil.copy2(PROJECT_ROOT / f, src / f)
+        shutil.copy2(PROJECT_ROOT / "README.md", src / "README.md")
+        (src / "pyproject.toml").write_text(inference_pyproject((PROJECT_ROOT / "pyproject.toml").read_text()))
         shutil.copytree(PROJECT_ROOT / "pipeline", src / "pipeline",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         run_pip(["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dest), str(src)], quiet)
     if with_deps and cfg.package.extra_wheels:
         run_pip(download_args(cfg, dest), quiet)
     return sorted(p.name for p in dest.iterdir())
+
+
+# What pipeline.infer imports (pip names); the wheel declares only these, so an image without the
+# training-side extras (wandb, matplotlib, cleanlab, ...) installs it offline. OpenCV is left out on
+# purpose: Kaggle's image has opencv-python, not -headless, and either provides cv2; the notebook's
+# check step imports it.
+INFER_REQUIRES = ["torch", "timm", "albumentations", "numpy", "pandas", "scipy", "scikit-learn", "pyyaml",
+                  "pydantic", "tqdm"]
+
+
+def inference_pyproject(text: str) -> str:
+    """``pyproject.toml`` with its ``dependencies`` cut down to :data:`INFER_REQUIRES` (specifiers kept)."""
+    import re
+
+    from packaging.requirements import Requirement
+
+    # A regex, not a TOML parser: tomllib is 3.11+ and the block is plain quoted strings.
+    found = re.search(r"(?ms)^dependencies = \[(.*?)^\]", text)
+    if found is None:
+        raise PipelineError("pyproject.toml: no 'dependencies = [...]' block found to write the inference wheel")
+    deps = re.findall(r'"([^"]+)"', found.group(1))
+    keep = [d for d in deps if Requirement(d).name.lower() in INFER_REQUIRES]
+    block = "dependencies = [\n" + "".join(f'    "{d}",\n' for d in keep) + "]"
+    return text[:found.start()] + block + text[found.end():]
 
 
 def pinned(names: list[str]) -> list[str]:
@@ -347,8 +375,9 @@ def write_package(cfg: Config, meta: dict[str, Any], source: Path, members: list
             "submission_form": cfg.competition.submission_form,
             "submission_columns": list(comp.sample_submission.columns),
             "id_column": cfg.competition.id_column,
-            "merge_rule": f"TTA views merged per fold ({members[0].merge}), folds averaged, members weighted "
-                          f"({meta.get('method')} weights on OOF log loss)",
+            "merge_rule": f"TTA views merged per fold ({members[0].merge}), folds averaged, members merged by "
+                          f"{meta.get('merge', 'mean')} with {meta.get('method')} weights chosen on OOF log loss",
+            "member_merge": {"merge": meta.get("merge", "mean"), "power": float(meta.get("power", 2.0))},
             "dtype": dtype,
             "batch_size": cfg.predict.batch_size,
             "cv_blend": meta.get("cv", {}).get("blend", {}),

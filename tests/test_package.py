@@ -221,6 +221,37 @@ def test_the_notebook_runs_under_nbclient(blended, tmp_path, monkeypatch):
     assert json.loads((work / "infer_report.json").read_text())["validated"] is True
 
 
+def test_budget_drops_the_member_that_costs_most_per_loss_saved(blended, monkeypatch, capsys):
+    """tiny_a is made 10x as expensive: a budget that fits only one member keeps tiny_b, re-weighted to 1."""
+    import pipeline.budget as budget
+    from pipeline.package import make_package
+
+    cfg, result, _ = blended
+    real = budget.seconds_per_forward
+
+    def costed(cfg_, member, **kw):
+        sec, views = real(cfg_, member, n_images=8, rounds=1)
+        return (sec * 10 if member.name == "tiny_a" else sec), views
+
+    monkeypatch.setattr(budget, "seconds_per_forward", costed)
+    costs = {m: costed(cfg, type("M", (), {"name": m, "folds": [0, 1], "tta": ["identity", "zoom_1.125"],
+                                           "flips": False, "crop_scale": 1.125})())[0] * 2 * 2 for m in MEMBERS}
+    hidden = 1000
+    fits_b_only = hidden * costs["tiny_b"] * 1.5
+    assert fits_b_only < hidden * (costs["tiny_a"] + costs["tiny_b"])
+    pkg = make_package(cfg, submission=str(result.submission), name="tiny_budget", budget_s=fits_b_only,
+                       hidden_size=hidden, target="1")
+    out = capsys.readouterr().out
+    assert "budget: drop tiny_a" in out
+    spec = json.loads((pkg / "ensemble.json").read_text())
+    assert [m["name"] for m in spec["members"]] == ["tiny_b"] and spec["members"][0]["weight"] == pytest.approx(1)
+    assert spec["budget"]["members"] == ["tiny_b"] and spec["budget"]["projected_s"] <= fits_b_only
+    assert not (pkg / "weights" / "tiny_a").exists()
+    with pytest.raises(PipelineError, match="even tiny_b alone"):
+        make_package(cfg, submission=str(result.submission), name="tiny_budget2", budget_s=1e-6,
+                     hidden_size=hidden, target="1")
+
+
 @pytest.mark.slow
 def test_rehearsal_passes_in_a_fresh_offline_venv_and_fails_a_tiny_limit(blended, tmp_path):
     """The real install: a venv that sees only the target image's distributions, no index, the notebook."""
