@@ -221,6 +221,7 @@ def test_the_notebook_runs_under_nbclient(blended, tmp_path, monkeypatch):
     assert json.loads((work / "infer_report.json").read_text())["validated"] is True
 
 
+@pytest.mark.slow
 def test_budget_drops_the_member_that_costs_most_per_loss_saved(blended, monkeypatch, capsys):
     """tiny_a is made 10x as expensive: a budget that fits only one member keeps tiny_b, re-weighted to 1."""
     import pipeline.budget as budget
