@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.data import load_competition
 from pipeline.engine.amp import resolve_amp
 from pipeline.engine.distributed import DistInfo
-from pipeline.engine.loop import create_mixup, create_train_loss, train_one_epoch
+from pipeline.engine.loop import classification_loss, create_mixup, create_train_loss, train_one_epoch
 from pipeline.engine.optim import create_optimizer
 from pipeline.train import build_loaders, build_model, seed_epoch
 
@@ -37,8 +37,9 @@ def ours(cfg, loader, info: DistInfo, num_classes: int, epoch: int) -> float:
     amp = resolve_amp(cfg.train.amp, info.device)
     mixup = create_mixup(cfg.train, num_classes)
     seed_epoch(loader, epoch)
-    stats = train_one_epoch(model, loader, optimizer, create_train_loss(cfg.train, mixup), epoch=epoch, info=info,
-                            amp=amp, scaler=amp.grad_scaler(), mixup=mixup, desc="ours")
+    loss_fn = classification_loss(create_train_loss(cfg.train, mixup), amp=amp, device=info.device, mixup=mixup)
+    stats = train_one_epoch(model, loader, optimizer, loss_fn, epoch=epoch, info=info, scaler=amp.grad_scaler(),
+                            desc="ours")
     return stats.images_per_s
 
 

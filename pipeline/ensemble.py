@@ -353,19 +353,7 @@ def format_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | None = None,
-                 quiet: bool = False) -> EnsembleResult:
-    """Blend ``experiments`` (default: ``ensemble.experiments`` or every complete one) and write a submission.
-
-    Returns:
-        The weights, CV table, submission path and (when the competition has a hidden solution) its score.
-    """
-    from pipeline.data import load_competition
-    from pipeline.engine.wandb_run import start_run
-    from pipeline.submission import build_submission, score_submission, validate_submission, write_submission
-
-    say = (lambda *a: None) if quiet else print
-    names = list(experiments or cfg.ensemble.experiments or discover_experiments(cfg, verbose=not quiet))
+def _check_names(cfg: Config, names: list[str]) -> None:
     if not names:
         raise PipelineError(f"no experiment of competition {cfg.competition.slug!r} under {cfg.paths.runs}/ has "
                             "OOF and test predictions for every fold; run python -m pipeline.run "
@@ -377,7 +365,11 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
         if missing:
             raise PipelineError(f"experiment {n!r} has no {', '.join(missing[:4])}; run python -m pipeline.predict "
                                 f"--all-folds --set experiment={n}")
-    fingerprint = inputs_fingerprint(cfg, names)
+
+
+def load_members(cfg: Config, names: list[str]) -> tuple[list[ExperimentPredictions], list[str], np.ndarray]:
+    """Every member's predictions, their shared classes and the OOF targets; members must agree on
+    classes and OOF images (the same competition and folds)."""
     exps = [load_experiment(cfg, n) for n in names]
     classes = exps[0].classes
     for e in exps[1:]:
@@ -392,51 +384,61 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
                                 f"images (e.g. {only[:3]}); they were trained on different folds.csv "
                                 "(dedup policy?): retrain one with the other's settings")
     index = {c: i for i, c in enumerate(classes)}
-    y = ref["label"].map(index).to_numpy()
-    use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
-    oof_for_weights = np.stack([(e.oof_tta if use_tta else e.oof)[classes].to_numpy(np.float64) for e in exps])
-    comp = load_competition(cfg.competition)
+    return exps, classes, ref["label"].map(index).to_numpy()
+
+
+def member_arrays(exps: list[ExperimentPredictions], classes: list[str], use_tta: bool):
+    """``(M, N, C)`` OOF probabilities to weigh (after TTA when ``use_tta``), the same without TTA,
+    ``(M, T, C)`` test probabilities in one image order, and that order."""
     test_images = exps[0].test["image"]
     for e in exps[1:]:
         if set(e.test["image"]) != set(test_images):
             raise PipelineError(f"experiments {exps[0].name!r} and {e.name!r} predicted different test images; "
                                 "predict both again on the current competition")
-    test_members = np.stack([e.test.set_index("image").loc[test_images, classes].to_numpy(np.float64)
-                             for e in exps])
+    oof = np.stack([(e.oof_tta if use_tta else e.oof)[classes].to_numpy(np.float64) for e in exps])
     oof_plain = np.stack([e.oof[classes].to_numpy(np.float64) for e in exps])
-    folds = oof_folds(cfg, ref["image"]) if cfg.ensemble.method == "stack" else None
-    mixed = blend_members(cfg.ensemble, oof_for_weights, oof_plain, test_members, y, names, folds, cfg.seed)
-    w = mixed.weights
-    weights = {n: float(v) for n, v in zip(names, w)}
+    test = np.stack([e.test.set_index("image").loc[test_images, classes].to_numpy(np.float64) for e in exps])
+    return oof, oof_plain, test, test_images
 
+
+def cv_table(exps: list[ExperimentPredictions], classes: list[str], y: np.ndarray, mixed: Blend,
+             use_tta: bool) -> pd.DataFrame:
+    """Per member and for the blend: OOF accuracy and log loss without and with TTA, and the weight."""
     rows = []
-    for e, wi in zip(exps, w):
+    for e, wi in zip(exps, mixed.weights):
         acc, ll = _scores(e.oof, classes, y)
         acc_t, ll_t = _scores(e.oof_tta, classes, y)
         rows.append(dict(experiment=e.name, folds=len(e.folds), acc=acc, logloss=ll, acc_tta=acc_t,
                          logloss_tta=ll_t, weight=float(wi)))
-    blended_oof = mixed.oof
-    b_acc, b_ll = accuracy(blended_oof, y), log_loss(blended_oof, y)
-    plain = mixed.oof_plain
-    rows.append(dict(experiment="blend", folds=len(exps[0].folds), acc=accuracy(plain, y), logloss=log_loss(plain, y),
-                     acc_tta=b_acc if use_tta else float("nan"), logloss_tta=b_ll if use_tta else float("nan"),
-                     weight=1.0))
-    table = pd.DataFrame(rows)
-    test_probs = mixed.test
+    b_acc, b_ll = accuracy(mixed.oof, y), log_loss(mixed.oof, y)
+    rows.append(dict(experiment="blend", folds=len(exps[0].folds), acc=accuracy(mixed.oof_plain, y),
+                     logloss=log_loss(mixed.oof_plain, y), acc_tta=b_acc if use_tta else float("nan"),
+                     logloss_tta=b_ll if use_tta else float("nan"), weight=1.0))
+    return pd.DataFrame(rows)
+
+
+def submission_frame(cfg: Config, test_images: pd.Series, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """The blended test probabilities in the sample submission's form, checked against it."""
+    from pipeline.data import load_competition
+    from pipeline.submission import build_submission, validate_submission
+
+    comp = load_competition(cfg.competition)
     id_of = dict(zip(comp.test["image"], comp.test["id"]))
     unknown = [i for i in test_images if i not in id_of]
     if unknown:
         raise PipelineError(f"test predictions name images that are not in the competition's test table "
                             f"(e.g. {unknown[:3]}); predict again on the current competition")
-    sub = build_submission(comp.sample_submission, cfg.competition, [id_of[i] for i in test_images],
-                           test_probs, classes)
+    sub = build_submission(comp.sample_submission, cfg.competition, [id_of[i] for i in test_images], probs, classes)
     validate_submission(sub, comp.sample_submission, cfg.competition, classes,
                         source=str(comp.root / cfg.competition.sample_submission))
+    return sub
 
-    sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")
-    meta = {
+
+def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, float], mixed: Blend, use_tta: bool,
+          table: pd.DataFrame, n_test: int, fingerprint: str) -> dict[str, Any]:
+    return {
         "competition": cfg.competition.slug,
-        "experiments": names,
+        "experiments": [e.name for e in exps],
         "folds": {e.name: e.folds for e in exps},
         "method": cfg.ensemble.method,
         "weights": weights,
@@ -444,33 +446,130 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
         "tta": {e.name: e.tta for e in exps},
         "used_tta_oof": use_tta,
         "cv": {r["experiment"]: {k: None if np.isnan(r[k]) else r[k] for k in ("acc", "logloss", "acc_tta",
-                                                                                 "logloss_tta")} for r in rows},
+                                                                                 "logloss_tta")}
+               for r in table.to_dict("records")},
         "cv_metric": "log_loss (weights), accuracy",
-        "n_test": int(len(sub)),
+        "n_test": int(n_test),
         "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    solution_score = None
-    if cfg.competition.solution and Path(cfg.competition.solution).is_file():
-        solution_score = score_submission(sub, cfg.competition.solution, cfg.competition)
-        meta["solution_score"] = {"metric": cfg.competition.metric if cfg.competition.submission_form == "label"
-                                  else "log_loss", "value": solution_score}
-    path = write_submission(sub, paths.submissions_dir(cfg), sub_name, meta)
+
+
+def _score_against_solution(cfg: Config, sub: pd.DataFrame, meta: dict[str, Any]) -> float | None:
+    from pipeline.submission import score_submission
+
+    if not (cfg.competition.solution and Path(cfg.competition.solution).is_file()):
+        return None
+    score = score_submission(sub, cfg.competition.solution, cfg.competition)
+    meta["solution_score"] = {"metric": cfg.competition.metric if cfg.competition.submission_form == "label"
+                              else "log_loss", "value": score}
+    return score
+
+
+def _log_blend(cfg: Config, path: Path, names: list[str], weights: dict[str, float], cv_acc: float,
+               cv_logloss: float, solution_score: float | None) -> None:
+    from pipeline.engine.wandb_run import start_run
 
     wb = start_run(cfg.wandb, Path(cfg.paths.runs) / ENSEMBLE_RUN_DIR, name=path.stem, group="ensemble",
                    job_type="ensemble", config={**cfg.to_dict(), "experiments": names, "weights": weights})
-    wb.log({"cv_acc": b_acc, "cv_logloss": b_ll, **{f"weight/{n}": v for n, v in weights.items()},
+    wb.log({"cv_acc": cv_acc, "cv_logloss": cv_logloss, **{f"weight/{n}": v for n, v in weights.items()},
             **({"solution_score": solution_score} if solution_score is not None else {})})
     wb.finish()
+
+
+def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | None = None,
+                 quiet: bool = False) -> EnsembleResult:
+    """Blend ``experiments`` (default: ``ensemble.experiments`` or every complete one) and write a submission.
+
+    Steps: check the members and load their predictions; blend them (weights chosen on the OOF
+    predictions, or a stacker); score the blend (the CV table); the submission frame from the
+    blended test predictions; write it with its metadata, score it against a hidden solution, log
+    the blend to W&B.
+
+    Returns:
+        The weights, CV table, submission path and (when the competition has a hidden solution) its score.
+    """
+    from pipeline.submission import write_submission
+
+    say = (lambda *a: None) if quiet else print
+    names = list(experiments or cfg.ensemble.experiments or discover_experiments(cfg, verbose=not quiet))
+    _check_names(cfg, names)
+    fingerprint = inputs_fingerprint(cfg, names)
+    exps, classes, y = load_members(cfg, names)
+    use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
+    oof, oof_plain, test, test_images = member_arrays(exps, classes, use_tta)
+    folds = oof_folds(cfg, exps[0].oof["image"]) if cfg.ensemble.method == "stack" else None
+    mixed = blend_members(cfg.ensemble, oof, oof_plain, test, y, names, folds, cfg.seed)
+    weights = {n: float(v) for n, v in zip(names, mixed.weights)}
+    table = cv_table(exps, classes, y, mixed, use_tta)
+    sub = submission_frame(cfg, test_images, mixed.test, classes)
+
+    meta = _meta(cfg, exps, weights, mixed, use_tta, table, len(sub), fingerprint)
+    solution_score = _score_against_solution(cfg, sub, meta)
+    sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")
+    path = write_submission(sub, paths.submissions_dir(cfg), sub_name, meta)
+    b_acc, b_ll = accuracy(mixed.oof, y), log_loss(mixed.oof, y)
+    _log_blend(cfg, path, names, weights, b_acc, b_ll, solution_score)
 
     say(format_table(table))
     say(f"weights ({cfg.ensemble.method}, on {'TTA ' if use_tta else ''}OOF log loss): "
         + ", ".join(f"{n}={v:.3f}" for n, v in weights.items()))
     say(f"submission: {path}")
     if solution_score is not None:
-        metric = meta["solution_score"]["metric"]
-        say(f"score against the hidden solution {cfg.competition.solution}: {metric} {solution_score:.4f}")
+        say(f"score against the hidden solution {cfg.competition.solution}: "
+            f"{meta['solution_score']['metric']} {solution_score:.4f}")
     return EnsembleResult(names, weights, cfg.ensemble.method, table, b_acc, b_ll, path, solution_score, meta)
+
+
+# ----------------------------------------------------------------------------- up to date
+
+
+def latest_matching_submission(cfg: Config, names: list[str]) -> EnsembleResult | None:
+    """The newest submission made from the current prediction files of ``names`` and the current
+    ensemble settings (the fingerprint in its ``.json``), as a result; None when there is none."""
+    folder = paths.submissions_dir(cfg)
+    if not folder.is_dir():
+        return None
+    fingerprint = inputs_fingerprint(cfg, names)
+    for js in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            meta = read_json(js)
+        except (OSError, ValueError):
+            continue
+        if meta.get("fingerprint") == fingerprint and js.with_suffix(".csv").is_file():
+            return _result_from_meta(js.with_suffix(".csv"), meta, names)
+    return None
+
+
+def _result_from_meta(path: Path, meta: dict[str, Any], names: list[str]) -> EnsembleResult:
+    cv, weights, folds = meta.get("cv", {}), meta.get("weights", {}), meta.get("folds", {})
+
+    def num(v: Any) -> float:
+        return float("nan") if v is None else float(v)
+
+    rows = [{"experiment": n,
+             "folds": len(folds.get(n, [])) if n != "blend" else len(next(iter(folds.values()), [])),
+             **{k: num(cv.get(n, {}).get(k)) for k in ("acc", "logloss", "acc_tta", "logloss_tta")},
+             "weight": num(weights.get(n)) if n != "blend" else 1.0} for n in [*names, "blend"]]
+    blend_cv = cv.get("blend", {})
+    acc = blend_cv.get("acc_tta") if blend_cv.get("acc_tta") is not None else blend_cv.get("acc")
+    ll = blend_cv.get("logloss_tta") if blend_cv.get("logloss_tta") is not None else blend_cv.get("logloss")
+    score = (meta.get("solution_score") or {}).get("value")
+    return EnsembleResult(list(names), {k: float(v) for k, v in weights.items()}, meta.get("method", ""),
+                          pd.DataFrame(rows), num(acc), num(ll), path, score, meta)
+
+
+def ensure_submission(cfg: Config, names: list[str], name: str | None = None,
+                      quiet: bool = False) -> tuple[EnsembleResult, bool]:
+    """The up-to-date submission for ``names``: the newest matching one, else a new blend.
+
+    Returns:
+        (result, made): ``made`` is False when an existing submission was up to date.
+    """
+    found = latest_matching_submission(cfg, names)
+    if found is not None:
+        return found, False
+    return run_ensemble(cfg, names, name=name, quiet=quiet), True
 
 
 def main(argv: list[str] | None = None) -> EnsembleResult:

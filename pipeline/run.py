@@ -23,16 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import yaml
-
 from pipeline import paths
 from pipeline.config import Config, add_config_args, config_from_args
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import read_json
-
-# Config sections a trained fold depends on; tta/predict/ensemble/wandb/paths do not retrain anything.
-TRAINING_KEYS = ("seed", "competition", "dedup", "folds", "model", "train")
 
 
 @dataclass
@@ -52,36 +46,6 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _training_part(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: data.get(k) for k in TRAINING_KEYS}
-
-
-def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, str]:
-    """Whether ``fold`` is trained, complete and made with the current settings and folds.
-
-    Returns:
-        (current, reason): the reason says why a fold must be (re)trained.
-    """
-    run, d = paths.run_dir(cfg), paths.fold_dir(cfg, fold)
-    for f in (d / paths.METRICS, d / paths.BEST, d / paths.OOF, run / paths.CONFIG):
-        if not f.is_file():
-            return False, f"no {f.name}"
-    try:
-        metrics = read_json(d / paths.METRICS)
-        saved = yaml.safe_load((run / paths.CONFIG).read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):
-        return False, "unreadable metrics.json or config.yaml"
-    if not metrics.get("complete"):
-        return False, "training did not finish"
-    if _training_part(saved) != _training_part(cfg.to_dict()):
-        changed = [k for k in TRAINING_KEYS if saved.get(k) != cfg.to_dict().get(k)]
-        return False, f"config changed ({', '.join(changed)})"
-    oof_images = set(pd.read_csv(d / paths.OOF, usecols=["image"], dtype=str, keep_default_na=False)["image"])
-    if oof_images != set(folds.loc[folds["fold"] == fold, "image"]):
-        return False, "folds.csv changed"
-    return True, "complete"
-
-
 def _train_fold(cfg: Config, fold: int) -> None:
     try:
         from pipeline.train import train_fold
@@ -90,27 +54,14 @@ def _train_fold(cfg: Config, fold: int) -> None:
     train_fold(cfg, fold)
 
 
-def _latest_matching_submission(cfg: Config, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-    folder = paths.submissions_dir(cfg)
-    if not folder.is_dir():
-        return None
-    for js in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
-        try:
-            meta = read_json(js)
-        except (OSError, ValueError):
-            continue
-        if meta.get("fingerprint") == fingerprint and js.with_suffix(".csv").is_file():
-            return js.with_suffix(".csv"), meta
-    return None
-
-
 def run_all(cfg: Config, name: str | None = None) -> RunSummary:
     """Run every stage of ``cfg.experiment`` in order; see the module docstring."""
     from pipeline.data import load_competition
     from pipeline.engine.distributed import barrier, init_distributed
-    from pipeline.ensemble import discover_experiments, format_table, inputs_fingerprint, run_ensemble
+    from pipeline.ensemble import discover_experiments, ensure_submission, format_table
     from pipeline.folds import ensure_folds
     from pipeline.predict import predict_fold
+    from pipeline.train import fold_is_current
 
     start = time.time()
     dist = init_distributed(cfg.device)
@@ -160,23 +111,14 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
     names = list(cfg.ensemble.experiments or discover_experiments(cfg, verbose=False))
     if cfg.experiment not in names and not cfg.ensemble.experiments:
         names.append(cfg.experiment)
-    found = _latest_matching_submission(cfg, inputs_fingerprint(cfg, names))
-    if found is not None:
-        sub_path, meta = found
-        cv = meta.get("cv", {})
-        weights = meta.get("weights", {})
-        score = (meta.get("solution_score") or {}).get("value")
-        say(f"[4/4] ensemble    up to date: {sub_path} (from the same predictions and settings)")
-        rows = [{"experiment": n, "folds": len(meta.get("folds", {}).get(n, ks)), **_nan(cv.get(n, {})),
-                 "weight": weights.get(n, float("nan"))} for n in [*names, "blend"]]
-        say(format_table(pd.DataFrame(rows)))
-    else:
-        result = run_ensemble(cfg, names, name=name, quiet=True)
-        sub_path, weights, score = result.submission, result.weights, result.solution_score
-        cv = result.meta["cv"]
+    result, made = ensure_submission(cfg, names, name=name, quiet=True)
+    sub_path, weights, score, cv = result.submission, result.weights, result.solution_score, result.meta["cv"]
+    if made:
         say(f"[4/4] ensemble    {len(names)} experiment(s), {cfg.ensemble.method} weights -> {sub_path} "
             f"({_fmt_time(time.time() - t)})")
-        say(format_table(result.table))
+    else:
+        say(f"[4/4] ensemble    up to date: {sub_path} (from the same predictions and settings)")
+    say(format_table(result.table))
     barrier(dist)
 
     wall = time.time() - start
@@ -192,11 +134,6 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
         say(f"  score against the hidden solution ({cfg.competition.solution}): {metric} {score:.4f}")
     say(f"  wall time: {_fmt_time(wall)}")
     return RunSummary(cfg.experiment, cv, sub_path, score, weights, trained, skipped, wall)
-
-
-def _nan(scores: dict[str, Any]) -> dict[str, float]:
-    return {k: float("nan") if scores.get(k) is None else float(scores[k])
-            for k in ("acc", "logloss", "acc_tta", "logloss_tta")}
 
 
 def main(argv: list[str] | None = None) -> RunSummary:

@@ -14,47 +14,47 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from pipeline import paths, progress
+from pipeline import paths
 from pipeline.config import Config, add_config_args, config_from_args, save_config
+from pipeline.config_keys import describe as describe_changes
+from pipeline.config_keys import retrain_changes
 from pipeline.data import ImageDataset, ImageReadError, load_competition
 from pipeline.data.competition import save_classes
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.engine.amp import resolve_amp
-from pipeline.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pipeline.engine.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.engine.fit import FitSpec, FitState, Parts, Validation, fit, restore
 from pipeline.engine.loop import (
     EvalResult,
     NonFiniteLossError,
+    classification_loss,
     create_mixup,
     create_train_loss,
     train_one_epoch,
     validate,
 )
 from pipeline.engine.optim import create_optimizer, create_scheduler, updates_per_epoch
-from pipeline.engine.seed import seed_everything
+from pipeline.engine.seed import cudnn_autotune, seed_everything
 from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
-from pipeline.io import atomic_write_csv, atomic_write_json
+from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.models import create_classifier
 from pipeline.progress import bar
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr",
                    "images_per_s", "epoch_time_s"]
-# A fresh start removes these: outputs of an older model of the fold (predict's too) would be stale.
-# Keys that may differ between a run and its --resume: they change neither the math nor the data order.
-RESUME_FREE_KEYS = {"train.num_workers", "train.cache_images", "train.compile", "train.early_stopping_patience",
-                    "device", "wandb", "paths", "predict", "ensemble", "tta"}
 
 
 # --------------------------------------------------------------------------- data
@@ -207,42 +207,47 @@ def _metric_value(result: EvalResult, metric: str) -> float:
     return result.loss if metric == "log_loss" else result.accuracy
 
 
-def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if key in RESUME_FREE_KEYS:
-                continue
-            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
-        return out
-
-    a, b = flat(saved), flat(current)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
-        raise PipelineError(f"--resume: {path} was made with other settings ({shown}); resume with the same "
-                            "config, or start the fold again without --resume (or under another experiment name)")
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume when a RETRAIN key (``pipeline.config_keys``) differs from the checkpoint's."""
+    changes = retrain_changes(saved, current)
+    if changes:
+        raise PipelineError(f"--resume: {path} was made with other settings ({describe_changes(changes)}); resume with "
+                            "the same config, or start the fold again without --resume (or under another "
+                            "experiment name)")
 
 
-def _weights(state: dict | None) -> dict | None:
-    return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, str]:
+    """Whether ``fold`` is trained, complete and made with the current settings and folds.
+
+    The same split of config keys as :func:`check_resume_config` decides: only RETRAIN keys matter.
+    The fold's own config (recorded in its metrics.json) is compared, else the experiment's.
+
+    Returns:
+        (current, reason): the reason says why a fold must be (re)trained.
+    """
+    run, d = paths.run_dir(cfg), paths.fold_dir(cfg, fold)
+    for f in (d / paths.METRICS, d / paths.BEST, d / paths.OOF, run / paths.CONFIG):
+        if not f.is_file():
+            return False, f"no {f.name}"
+    try:
+        metrics = read_json(d / paths.METRICS)
+        saved = metrics.get("config") or yaml.safe_load((run / paths.CONFIG).read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return False, f"unreadable {paths.METRICS} or {paths.CONFIG}"
+    if not metrics.get("complete"):
+        return False, "training did not finish"
+    changes = retrain_changes(saved, cfg.to_dict())
+    if changes:
+        return False, f"config changed ({describe_changes(changes, limit=3)})"
+    oof_images = set(pd.read_csv(d / paths.OOF, usecols=["image"], dtype=str, keep_default_na=False)["image"])
+    if oof_images != set(folds.loc[folds["fold"] == fold, "image"]):
+        return False, "folds.csv changed"
+    return True, "complete"
 
 
 # --------------------------------------------------------------------------- the fold
-def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
-    """Train fold ``fold`` and write its outputs; returns the fold's metrics (metrics.json).
-
-    Raises:
-        PipelineError: a user-fixable problem (no such fold, nothing to resume, NaN loss, ...).
-    """
-    info = init_distributed(cfg.device)
-    t = cfg.train
-    metric = cfg.competition.metric
-    fold_dir = paths.fold_dir(cfg, fold)
-    last_path, best_path = fold_dir / paths.LAST, fold_dir / paths.BEST
-    config_dict = cfg.to_dict()
-
+def _fold_data(cfg: Config, fold: int, info: DistInfo):
+    """folds.csv (made first by rank 0 when missing or stale), the competition's classes and root."""
     from pipeline.folds import ensure_folds  # the folds stage owns folds.csv
 
     if info.is_main:
@@ -255,154 +260,147 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
         raise PipelineError(f"--fold {fold}: {paths.folds_csv(cfg)} has folds {known}; choose one of them "
                             "(folds.k sets how many)")
     comp = load_competition(cfg.competition)
-    classes = list(comp.classes)
+    return folds, list(comp.classes), comp.root
 
-    ckpt = None
-    if resume:
-        if not last_path.is_file():
-            raise PipelineError(f"--resume: {last_path} does not exist; train fold {fold} without --resume first")
-        ckpt = load_checkpoint(last_path)
-        _check_resume_config(ckpt["config"], config_dict, last_path)
-        if ckpt.get("finished"):
-            if info.is_main:
-                print(f"train: fold {fold} of {cfg.experiment} is already complete ({last_path}); "
-                      "writing its outputs again")
-                return _finish_fold(cfg, fold, ckpt, folds, classes)
-            return {}
 
-    if info.device.type == "cuda":
-        # Fastest kernels on GPUs; the reproducibility promise is for the CPU.
-        torch.backends.cudnn.benchmark = True
-    amp = resolve_amp(t.amp, info.device)
-    # The model first: a bad backbone name or weights file fails before minutes of image caching.
-    bare, model, eval_model, ema = build_model(cfg, len(classes), info)
-    train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(
-        cfg, folds, fold, comp.root, classes, info)
-    if len(val_rows) == 0 or len(train_rows) == 0:
-        raise PipelineError(f"fold {fold} has {len(train_rows)} training and {len(val_rows)} validation images; "
-                            "use fewer folds (folds.k)")
-    optimizer = create_optimizer(bare, t, cfg.model.head_lr_mult)
-    n_updates = updates_per_epoch(len(train_loader), t.accum_steps)
-    scheduler = create_scheduler(optimizer, t, n_updates)
-    scaler = amp.grad_scaler()
-    mixup = create_mixup(t, len(classes))
-    loss_fn = create_train_loss(t, mixup)
-    seed_everything(cfg.seed + info.rank)  # data order, Mixup and dropout differ between ranks
+def _resume_checkpoint(cfg: Config, fold: int) -> dict[str, Any]:
+    """last.pt of the fold, loaded to the CPU, after checking it was made with the same RETRAIN keys."""
+    last_path = paths.fold_dir(cfg, fold) / paths.LAST
+    if not last_path.is_file():
+        raise PipelineError(f"--resume: {last_path} does not exist; train fold {fold} without --resume first")
+    ckpt = load_checkpoint(last_path, map_location="cpu")
+    check_resume_config(ckpt["config"], cfg.to_dict(), last_path)
+    return ckpt
 
-    history: list[dict[str, float]] = []
-    start_epoch, num_updates, bad_epochs = 0, 0, 0
-    best: dict[str, Any] = {"score": None, "epoch": -1, "metric": float("nan"), "probs": None}
-    if ckpt is not None:
-        bare.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        ranks = ckpt.get("rng_ranks") or []
-        set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ckpt["rng"])
-        history = list(ckpt["history"])
-        start_epoch, num_updates, bad_epochs = ckpt["epoch"] + 1, ckpt["num_updates"], ckpt["bad_epochs"]
-        best = {"score": tuple(ckpt["best_score"]), "epoch": ckpt["best_epoch"], "metric": ckpt["best_metric"],
-                "probs": ckpt["best_probs"].numpy()}
-        if info.is_main:
-            print(f"train: resuming fold {fold} of {cfg.experiment} after epoch {start_epoch} ({last_path})")
 
-    run_root = paths.run_dir(cfg)
-    if info.is_main and ckpt is None and any((fold_dir / name).exists() for name in paths.FOLD_OUTPUTS):
-        # Only now, once every setting has proved usable, are the older outputs given up.
+def _start_outputs(cfg: Config, fold: int, classes: list[str], fresh: bool, info: DistInfo) -> None:
+    """Remove a fresh start's stale outputs (only now that every setting has proved usable) and
+    write the experiment's config.yaml and classes.json."""
+    if not info.is_main:
+        return
+    fold_dir, run_root = paths.fold_dir(cfg, fold), paths.run_dir(cfg)
+    if fresh and any((fold_dir / name).exists() for name in paths.FOLD_OUTPUTS):
         print(f"train: starting fold {fold} again; removing the earlier outputs in {fold_dir} "
               "(use --resume to continue instead)")
         for name in paths.FOLD_OUTPUTS:
             (fold_dir / name).unlink(missing_ok=True)
+    save_config(cfg, run_root / paths.CONFIG)
+    save_classes(classes, run_root / paths.CLASSES)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _evaluator(cfg: Config, eval_model, ema, val_loader, n_val: int, val_shard: np.ndarray, amp, info: DistInfo):
+    """``evaluate(epoch)`` for the engine: the model and its EMA on the fold; with EMA on, the EMA
+    is judged (as timm does) and its probabilities are what oof.csv will hold."""
+    metric, t = cfg.competition.metric, cfg.train
+
+    def evaluate(epoch: int) -> Validation:
+        res = validate(eval_model, val_loader, n_val, val_shard, info=info, amp=amp, channels_last=t.channels_last)
+        ema_res = None
+        if ema is not None:
+            ema_res = validate(ema.module, val_loader, n_val, val_shard, info=info, amp=amp,
+                               channels_last=t.channels_last, desc="valid ema")
+        chosen = ema_res if ema_res is not None else res
+        nan = float("nan")
+        return Validation(
+            score=_score(chosen, metric), metric=_metric_value(chosen, metric),
+            row={"val_loss": res.loss, "val_acc": res.accuracy,
+                 "ema_val_loss": ema_res.loss if ema_res is not None else nan,
+                 "ema_val_acc": ema_res.accuracy if ema_res is not None else nan},
+            keep={"best_probs": torch.from_numpy(np.asarray(chosen.probs, np.float32))})
+
+    return evaluate
+
+
+def _describe(fold: int, epochs: int):
+    def describe(row: dict[str, float], improved: bool) -> str:
+        ema = f" ema_val_acc {row['ema_val_acc']:.4f}" if not np.isnan(row["ema_val_acc"]) else ""
+        return (f"fold {fold} epoch {int(row['epoch']) + 1}/{epochs}: train_loss {row['train_loss']:.4f} "
+                f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{ema} lr {row['lr']:.2e} "
+                f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s{' *' if improved else ''}")
+
+    return describe
+
+
+def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
+    """Train fold ``fold`` and write its outputs; returns the fold's metrics (metrics.json).
+
+    Steps: folds and classes; the checkpoint to resume (if any); model, loaders, optimizer,
+    schedule, AMP scaler and loss; the engine's epoch loop (:func:`pipeline.engine.fit.fit`); then
+    oof.csv and metrics.json from the best epoch.
+
+    Raises:
+        PipelineError: a user-fixable problem (no such fold, nothing to resume, NaN loss, ...).
+    """
+    info = init_distributed(cfg.device)
+    t = cfg.train
+    folds, classes, root = _fold_data(cfg, fold, info)
+    ckpt = _resume_checkpoint(cfg, fold) if resume else None
+    if ckpt is not None and ckpt.get("finished"):
+        if info.is_main:
+            print(f"train: fold {fold} of {cfg.experiment} is already complete; writing its outputs again")
+            return _finish_fold(cfg, fold, ckpt, folds, classes)
+        return {}
+
+    cudnn_autotune(info.device)
+    amp = resolve_amp(t.amp, info.device)
+    # The model first: a bad backbone name or weights file fails before minutes of image caching.
+    bare, model, eval_model, ema = build_model(cfg, len(classes), info)
+    train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(cfg, folds, fold, root, classes, info)
+    if len(val_rows) == 0 or len(train_rows) == 0:
+        raise PipelineError(f"fold {fold} has {len(train_rows)} training and {len(val_rows)} validation images; "
+                            "use fewer folds (folds.k)")
+    optimizer = create_optimizer(bare, t, cfg.model.head_lr_mult)
+    scheduler = create_scheduler(optimizer, t, updates_per_epoch(len(train_loader), t.accum_steps))
+    parts = Parts(model, bare, optimizer, scheduler, amp.grad_scaler(), ema)
+    mixup = create_mixup(t, len(classes))
+    loss_fn = classification_loss(create_train_loss(t, mixup), amp=amp, device=info.device, mixup=mixup,
+                                  channels_last=t.channels_last)
+    seed_everything(cfg.seed + info.rank)  # data order, Mixup and dropout differ between ranks
+    state = restore(parts, ckpt, info) if ckpt is not None else FitState()
+    if ckpt is not None and info.is_main:
+        print(f"train: resuming fold {fold} of {cfg.experiment} after epoch {state.epoch}")
+
+    _start_outputs(cfg, fold, classes, fresh=ckpt is None, info=info)
     if info.is_main:
-        save_config(cfg, run_root / paths.CONFIG)
-        save_classes(classes, run_root / paths.CLASSES)
-        fold_dir.mkdir(parents=True, exist_ok=True)
         print(f"train: fold {fold} of {cfg.experiment}: {cfg.model.backbone}, {len(train_rows)} train / "
               f"{len(val_rows)} validation images, {len(classes)} classes, {t.epochs} epochs on {info.device}"
               f"{f' x{info.world_size}' if info.enabled else ''} (amp {amp.name})")
-    wandb_run = start_run(cfg.wandb, run_root, name=f"{cfg.experiment}-fold{fold}", group=cfg.experiment,
-                          job_type="train", config={**config_dict, "fold": fold}, enabled=info.is_main)
+    wandb_run = start_run(cfg.wandb, paths.run_dir(cfg), name=f"{cfg.experiment}-fold{fold}", group=cfg.experiment,
+                          job_type="train", config={**cfg.to_dict(), "fold": fold}, enabled=info.is_main,
+                          run_id=state.wandb_id)
+    state.wandb_id = getattr(wandb_run, "id", None)
+
+    def train_epoch(epoch: int, num_updates: int):
+        seed_epoch(train_loader, epoch)
+        if mixup is not None and t.mixup_off_epoch and epoch >= t.mixup_off_epoch:
+            mixup.mixup_enabled = False  # still yields (smoothed) one-hot soft targets
+        try:
+            return train_one_epoch(model, train_loader, optimizer, loss_fn, epoch=epoch, info=info,
+                                   scaler=parts.scaler, scheduler=scheduler, num_updates=num_updates,
+                                   accum_steps=t.accum_steps, clip_grad=t.clip_grad, ema=ema,
+                                   desc=f"fold {fold} epoch {epoch + 1}/{t.epochs}")
+        except ImageReadError as exc:
+            raise PipelineError(f"{str(exc).splitlines()[0]}; replace the file or remove its row") from None
+
+    spec = FitSpec(epochs=t.epochs, out_dir=paths.fold_dir(cfg, fold),
+                   meta={"config": cfg.to_dict(), "classes": classes, "metric": cfg.competition.metric},
+                   history_columns=HISTORY_COLUMNS, patience=t.early_stopping_patience, name=f"train: fold {fold}")
     ok = False
     try:
-        for epoch in range(start_epoch, t.epochs):
-            t0 = time.perf_counter()
-            seed_epoch(train_loader, epoch)
-            if mixup is not None and t.mixup_off_epoch and epoch >= t.mixup_off_epoch:
-                mixup.mixup_enabled = False  # still yields (smoothed) one-hot soft targets
-            try:
-                stats = train_one_epoch(
-                    model, train_loader, optimizer, loss_fn, epoch=epoch, info=info, amp=amp, scaler=scaler,
-                    scheduler=scheduler, num_updates=num_updates, accum_steps=t.accum_steps,
-                    clip_grad=t.clip_grad, mixup=mixup, ema=ema, channels_last=t.channels_last,
-                    desc=f"fold {fold} epoch {epoch + 1}/{t.epochs}")
-            except ImageReadError as exc:
-                raise PipelineError(f"{str(exc).splitlines()[0]}; replace the file or remove its row") from None
-            num_updates = stats.num_updates
-            res = validate(eval_model, val_loader, len(val_rows), val_shard, info=info, amp=amp,
-                           channels_last=t.channels_last)
-            ema_res = None
-            if ema is not None:
-                ema_res = validate(ema.module, val_loader, len(val_rows), val_shard, info=info, amp=amp,
-                                   channels_last=t.channels_last, desc="valid ema")
-            chosen = ema_res if ema_res is not None else res  # as timm: with EMA on, the EMA is judged
-            score = _score(chosen, metric)
-            improved = best["score"] is None or score > best["score"]
-            if improved:
-                best = {"score": score, "epoch": epoch, "metric": _metric_value(chosen, metric),
-                        "probs": chosen.probs}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            row = {"epoch": epoch, "train_loss": stats.loss, "val_loss": res.loss, "val_acc": res.accuracy,
-                   "ema_val_loss": ema_res.loss if ema_res is not None else float("nan"),
-                   "ema_val_acc": ema_res.accuracy if ema_res is not None else float("nan"),
-                   "lr": stats.lr, "images_per_s": stats.images_per_s,
-                   "epoch_time_s": time.perf_counter() - t0}
-            history.append(row)
-            stop = bool(t.early_stopping_patience and bad_epochs >= t.early_stopping_patience)
-            finished = stop or epoch + 1 == t.epochs
-            rng_ranks = all_gather_object(rng_state(), info)
-            if info.is_main:
-                weights = {"model": _weights(bare.state_dict()),
-                           "ema": _weights(ema.module.state_dict()) if ema is not None else None,
-                           "config": config_dict, "classes": classes, "epoch": epoch}
-                if improved:
-                    save_checkpoint(best_path, {**weights, "best_metric": best["metric"], "used_ema": ema is not None,
-                                                "metric": metric})
-                save_checkpoint(last_path, {
-                    **weights, "best_metric": best["metric"], "used_ema": ema is not None, "metric": metric,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict(), "rng": rng_ranks[0], "rng_ranks": rng_ranks,
-                    "history": history, "num_updates": num_updates, "bad_epochs": bad_epochs,
-                    "best_epoch": best["epoch"], "best_score": list(best["score"]),
-                    "best_probs": torch.from_numpy(np.asarray(best["probs"], np.float32)),
-                    "finished": finished, "world_size": info.world_size,
-                })
-                atomic_write_csv(fold_dir / paths.HISTORY, pd.DataFrame(history, columns=HISTORY_COLUMNS))
-                wandb_run.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, step=epoch)
-                ema_note = f" ema_val_acc {ema_res.accuracy:.4f}" if ema_res is not None else ""
-                progress.line(f"fold {fold} epoch {epoch + 1}/{t.epochs}: train_loss {stats.loss:.4f} "
-                           f"val_loss {res.loss:.4f} val_acc {res.accuracy:.4f}{ema_note} lr {stats.lr:.2e} "
-                           f"{stats.images_per_s:.0f} img/s {row['epoch_time_s']:.1f}s{' *' if improved else ''}")
-            if stop:
-                if info.is_main:
-                    print(f"train: early stop after epoch {epoch + 1}: no better {metric} for "
-                          f"{t.early_stopping_patience} epochs (best epoch {best['epoch'] + 1})")
-                break
+        fit(parts, state, spec, info, train_epoch=train_epoch,
+            evaluate=_evaluator(cfg, eval_model, ema, val_loader, len(val_rows), val_shard, amp, info),
+            wandb_run=wandb_run, describe=_describe(fold, t.epochs))
         barrier(info)
         metrics: dict[str, Any] = {}
         if info.is_main:
-            metrics = _finish_fold(cfg, fold, load_checkpoint(last_path), folds, classes,
+            metrics = _finish_fold(cfg, fold, load_checkpoint(spec.out_dir / paths.LAST), folds, classes,
                                    n_train=len(train_rows))
             wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         ok = True
         return metrics
     except NonFiniteLossError as exc:
-        kept = "" if last_path.is_file() else " (no epoch had completed, so there is no last.pt)"
+        kept = "" if (spec.out_dir / paths.LAST).is_file() else " (no epoch had completed, so there is no last.pt)"
         raise PipelineError(f"fold {fold}: {exc}{kept}") from None
     finally:
         wandb_run.finish(exit_code=0 if ok else 1)
@@ -413,7 +411,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
     """Write oof.csv (the best epoch's validation probabilities) and metrics.json from ``last.pt``."""
     fold_dir = paths.fold_dir(cfg, fold)
     val_rows = folds[folds["fold"] == fold].reset_index(drop=True)
-    probs = ckpt["best_probs"].numpy()
+    probs = ckpt["best_keep"]["best_probs"].numpy()
     if len(probs) != len(val_rows):
         raise PipelineError(f"{fold_dir / 'last.pt'} holds {len(probs)} validation rows but folds.csv has "
                             f"{len(val_rows)} in fold {fold}; folds.csv changed since, train the fold again")
@@ -435,6 +433,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
         "train_time_s": float(history["epoch_time_s"].sum()),
         "images_per_s": float(history["images_per_s"].mean()),
         "complete": True,
+        "config": ckpt["config"],  # what fold_is_current compares (config.yaml is the experiment's latest)
     }
     atomic_write_json(fold_dir / paths.METRICS, metrics)
     print(f"train: fold {fold} done: best epoch {metrics['best_epoch'] + 1}, val_acc {metrics['val_acc']:.4f}, "

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from pipeline.data import load_competition
-from pipeline.run import fold_is_current, main, run_all
+from pipeline.run import main, run_all
 from pipeline.submission import validate_submission
+from pipeline.train import fold_is_current
 
 N_TRAIN, N_TEST = 200, 60
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,8 @@ def test_only_training_settings_make_a_fold_stale(first_run):
     assert fold_is_current(cfg, 0, folds) == (True, "complete")
     lr = cfg.train.lr
     cfg.train.lr = lr * 10
-    assert fold_is_current(cfg, 0, folds) == (False, "config changed (train)")
+    current, reason = fold_is_current(cfg, 0, folds)
+    assert not current and reason.startswith("config changed (train.lr: ")
     cfg.train.lr = lr
     cfg.tta, cfg.ensemble.method, cfg.wandb.mode = ["identity"], "caruana", "offline"
     assert fold_is_current(cfg, 0, folds)[0]  # TTA, ensemble and W&B settings retrain nothing

@@ -129,7 +129,7 @@ def test_fold_outputs_wandb_and_resume_equals_uninterrupted(cfg_for, monkeypatch
     assert summary["complete"] == "true" and float(summary["val_acc"]) == pytest.approx(metrics["val_acc"])
 
     # The same run killed after its first epoch and resumed reaches the very same result.
-    cfg2 = cfg_for(*TECHNIQUES, runs="resumed")
+    cfg2 = cfg_for(*TECHNIQUES, "wandb.mode=offline", runs="resumed")
     real_epoch = train_mod.train_one_epoch
 
     def killed_at_epoch_1(*args, **kwargs):
@@ -146,6 +146,9 @@ def test_fold_outputs_wandb_and_resume_equals_uninterrupted(cfg_for, monkeypatch
     train_fold(cfg2, fold=1, resume=True)
     resumed = pd.read_csv(fold2 / "oof.csv")
     pd.testing.assert_frame_equal(resumed, oof)
+    # the resumed fold logs to the W&B run it started (same id), not to a new run
+    ids = {Path(p).name.rsplit("-", 1)[-1] for p in glob.glob(str(fold2.parent / "wandb" / "offline-run-*"))}
+    assert len(glob.glob(str(fold2.parent / "wandb" / "offline-run-*"))) == 2 and len(ids) == 1
     h2 = pd.read_csv(fold2 / "history.csv")
     cols = ["train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr"]
     pd.testing.assert_frame_equal(h2[cols], history[cols])
@@ -156,8 +159,9 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_epoch(cfg_for, mo
 
     def nan_in_epoch_1(model, loader, optimizer, loss_fn, **kwargs):
         if kwargs["epoch"] == 1:
-            def nan_loss(logits, target):
-                return loss_fn(logits, target) * float("nan")
+            def nan_loss(model, batch):
+                losses, n = loss_fn(model, batch)
+                return {"loss": losses["loss"] * float("nan")}, n
             return real_epoch(model, loader, optimizer, nan_loss, **kwargs)
         return real_epoch(model, loader, optimizer, loss_fn, **kwargs)
 

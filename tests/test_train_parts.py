@@ -16,6 +16,7 @@ from pipeline.engine.amp import resolve_amp
 from pipeline.engine.distributed import DistInfo
 from pipeline.engine.loop import (
     NonFiniteLossError,
+    classification_loss,
     create_mixup,
     create_train_loss,
     train_one_epoch,
@@ -45,10 +46,11 @@ def run_epoch(model, loader, cfg: TrainConfig, **kwargs):
     optimizer = create_optimizer(model, cfg)
     amp = resolve_amp(cfg.amp, torch.device("cpu"))
     mixup = create_mixup(cfg, 4)
-    defaults = dict(epoch=0, info=CPU, amp=amp, scaler=amp.grad_scaler(), accum_steps=cfg.accum_steps,
-                    clip_grad=cfg.clip_grad, mixup=mixup, channels_last=cfg.channels_last)
+    loss_fn = classification_loss(create_train_loss(cfg, mixup), amp=amp, device=CPU.device, mixup=mixup,
+                                  channels_last=cfg.channels_last)
+    defaults = dict(epoch=0, info=CPU, scaler=amp.grad_scaler(), accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad)
     defaults.update(kwargs)
-    return train_one_epoch(model, loader, optimizer, create_train_loss(cfg, mixup), **defaults), optimizer
+    return train_one_epoch(model, loader, optimizer, loss_fn, **defaults), optimizer
 
 
 def test_mixup_gives_soft_targets_and_soft_target_loss():
@@ -174,6 +176,23 @@ def test_amp_resolution():
     assert not resolve_amp("bf16", cpu).grad_scaler().is_enabled()
 
 
+def test_named_losses_are_averaged_per_image_beside_the_minimised_one():
+    """A detector-style loss function (several named losses) trains through the same loop."""
+    model, loader = tiny_model(), tiny_loader(n=12, batch=4)
+
+    def loss_fn(model, batch):
+        images, target = batch
+        ce = torch.nn.functional.cross_entropy(model(images), target)
+        return {"loss": ce + 1.0, "cls_loss": ce, "box_loss": torch.ones(())}, len(images)
+
+    cfg = TrainConfig(scheduler="none")
+    optimizer = create_optimizer(model, cfg)
+    stats = train_one_epoch(model, loader, optimizer, loss_fn, epoch=0, info=CPU,
+                            scaler=resolve_amp("off", CPU.device).grad_scaler())
+    assert set(stats.losses) == {"loss", "cls_loss", "box_loss"} and stats.losses["box_loss"] == 1.0
+    assert stats.loss == pytest.approx(stats.losses["cls_loss"] + 1.0)
+
+
 def test_mixup_with_odd_batch_drops_one_image():
     model, loader = tiny_model(), tiny_loader(n=10, batch=5)
     stats, _ = run_epoch(model, loader, TrainConfig(mixup_alpha=0.4, scheduler="none"))
@@ -184,14 +203,15 @@ def test_non_finite_loss_names_epoch_step_and_lr():
     model, loader = tiny_model(), tiny_loader(n=12, batch=4)
     calls = {"n": 0}
 
-    def loss_fn(logits, target):
+    def loss_fn(model, batch):
         calls["n"] += 1
-        loss = torch.nn.functional.cross_entropy(logits, target)
-        return loss * float("nan") if calls["n"] == 2 else loss
+        images, target = batch
+        loss = torch.nn.functional.cross_entropy(model(images), target)
+        return {"loss": loss * float("nan") if calls["n"] == 2 else loss}, len(images)
 
     cfg = TrainConfig(scheduler="none", lr=0.003)
     optimizer = create_optimizer(model, cfg)
     amp = resolve_amp("off", CPU.device)
     with pytest.raises(NonFiniteLossError) as err:
-        train_one_epoch(model, loader, optimizer, loss_fn, epoch=4, info=CPU, amp=amp, scaler=amp.grad_scaler())
+        train_one_epoch(model, loader, optimizer, loss_fn, epoch=4, info=CPU, scaler=amp.grad_scaler())
     assert "epoch 5, step 2" in str(err.value) and "learning rate 0.003" in str(err.value)

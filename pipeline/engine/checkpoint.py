@@ -26,8 +26,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                             "delete it and train again") from None
 
 
-def rng_state() -> dict[str, Any]:
-    """RNG states of Python, numpy and torch, in a weights_only-loadable form."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """RNG states of Python, numpy, torch and this process's GPU, in a weights_only-loadable form.
+
+    Only the GPU this rank uses is saved: each DDP rank saves its own state (``rng_ranks``), and a
+    list of every visible GPU's state would not fit a machine with fewer GPUs.
+    """
     import random
 
     import numpy as np
@@ -41,11 +45,17 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        cuda = device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        state["cuda"] = torch.cuda.get_rng_state(cuda)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state`'s output; the CUDA state goes to ``device`` (this rank's GPU).
+
+    Older checkpoints hold a list of every GPU's state: the one of this rank's GPU is taken when it
+    exists, else the first.
+    """
     import random
 
     import numpy as np
@@ -56,5 +66,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available() or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        if not cuda:
+            return
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else cuda[0]
+    torch.cuda.set_rng_state(cuda.cpu(), device)

@@ -67,6 +67,15 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+def broadcast_from_main(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank: for decisions every rank must take together (stop or go on)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.device.type == "cuda" else None)
+    return box[0]
+
+
 def reduce_mean(value: float, info: DistInfo) -> float:
     if not info.enabled:
         return float(value)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,18 +37,22 @@ class NonFiniteLossError(PipelineError):
         self.epoch, self.step, self.lr, self.value = epoch, step, lr, value
         super().__init__(
             f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} (learning rate "
-            f"{lr:.3g}); the fold stopped and last.pt keeps the last good epoch. Lower train.lr, set "
-            "train.clip_grad (e.g. 1.0) or train.amp=off, then train the fold again"
+            f"{lr:.3g}); training stopped on every rank and last.pt keeps the last good epoch. Lower "
+            "train.lr, set train.clip_grad (e.g. 1.0) or train.amp=off, then train again"
         )
 
 
 @dataclass
 class TrainStats:
-    loss: float
+    losses: dict[str, float]   # mean per image over every rank, by name ("loss" is the minimised one)
     lr: float
     images: int
     time_s: float
     num_updates: int
+
+    @property
+    def loss(self) -> float:
+        return self.losses["loss"]
 
     @property
     def images_per_s(self) -> float:
@@ -70,6 +76,12 @@ class EvalResult:
         return float((self.probs.argmax(1) == self.targets).mean()) if len(self.targets) else float("nan")
 
 
+LossFn = Callable[[torch.nn.Module, Any], tuple[dict[str, torch.Tensor], int]]
+"""``loss_fn(model, batch) -> (losses, n_images)``: moves the batch to the device, runs the forward
+pass (under the track's autocast) and returns named losses; ``losses["loss"]`` is the one that
+is minimised, the others (e.g. ``cls_loss``, ``box_loss``) are averaged and reported beside it."""
+
+
 def create_mixup(train_cfg: TrainConfig, num_classes: int) -> Mixup | None:
     """timm's batch Mixup/CutMix (it also applies label smoothing to the soft targets), or None."""
     if train_cfg.mixup_alpha <= 0 and train_cfg.cutmix_alpha <= 0:
@@ -86,6 +98,28 @@ def create_train_loss(train_cfg: TrainConfig, mixup: Mixup | None) -> torch.nn.M
     if train_cfg.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=train_cfg.label_smoothing)
     return torch.nn.CrossEntropyLoss()
+
+
+def classification_loss(criterion: torch.nn.Module, *, amp: Amp, device: torch.device, mixup: Mixup | None = None,
+                        channels_last: bool = False) -> LossFn:
+    """The classifier's :data:`LossFn`: (images, targets) batches, Mixup/CutMix, one named loss."""
+
+    def loss_fn(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup is not None and len(images) % 2:
+            # timm's batch Mixup pairs each image with its mirror in the batch: it needs an even batch.
+            images, targets = images[:-1], targets[:-1]
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            logits = model(images)
+        return {"loss": criterion(logits.float(), targets)}, len(images)
+
+    return loss_fn
 
 
 def _first_bad_step(window: list[tuple[int, float, int, float]], info: DistInfo) -> tuple[int, float] | None:
@@ -111,25 +145,23 @@ def train_one_epoch(
     model: torch.nn.Module,
     loader,
     optimizer: torch.optim.Optimizer,
-    loss_fn: torch.nn.Module,
+    loss_fn: LossFn,
     *,
     epoch: int,
     info: DistInfo,
-    amp: Amp,
     scaler: torch.amp.GradScaler,
     scheduler=None,
     num_updates: int = 0,
     accum_steps: int = 1,
     clip_grad: float | None = None,
-    mixup: Mixup | None = None,
     ema=None,
-    channels_last: bool = False,
     desc: str = "train",
 ) -> TrainStats:
     """One pass over ``loader``; the schedule is stepped after every optimizer update.
 
     Args:
         model: the model to train (possibly DDP-wrapped or compiled).
+        loss_fn: see :data:`LossFn`; the same loop trains classifiers and detectors.
         epoch: 0-based epoch, for messages.
         num_updates: optimizer updates done before this epoch (the schedule's clock).
         ema: timm ``ModelEmaV3`` updated after every optimizer update, or None.
@@ -139,37 +171,30 @@ def train_one_epoch(
             late; the weights are then spoilt, which is why only finished epochs are saved).
     """
     model.train()
-    device = info.device
     n_batches = len(loader)
     last_accum_start = n_batches - (n_batches % accum_steps or accum_steps)
-    total_loss, seen = 0.0, 0
+    names: list[str] = []
+    totals: torch.Tensor | None = None  # per named loss, summed over images, on the host
+    seen = 0
     # Losses are read back to the host every CHECK_EVERY steps, not every step: reading a GPU value
     # waits for the GPU, and the host must keep queueing work ahead. A NaN is caught a few steps late,
     # which costs nothing because nothing of an unfinished epoch is saved.
-    window: list[tuple[int, torch.Tensor, int, float]] = []  # (step, loss on device, images, lr)
+    window: list[tuple[int, torch.Tensor, int, float]] = []  # (step, losses on device, images, lr)
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     batches = bar(loader, total=n_batches, desc=desc, leave=False, enabled=info.is_main, dynamic_ncols=True)
-    for step, (images, targets) in enumerate(batches):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup is not None and len(images) % 2:
-            # timm's batch Mixup pairs each image with its mirror in the batch: it needs an even batch.
-            images, targets = images[:-1], targets[:-1]
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for step, batch in enumerate(batches):
         # Accumulation groups at the end of an epoch may be short; divide by their true length.
         group = accum_steps if step < last_accum_start else n_batches - last_accum_start
         is_update = (step + 1) % accum_steps == 0 or step + 1 == n_batches
         sync = contextlib.nullcontext() if is_update or not hasattr(model, "no_sync") else model.no_sync()
         lr = current_lr(optimizer)
         with sync:
-            with amp.autocast():
-                loss = loss_fn(model(images), targets)
-            scaler.scale(loss / group).backward()
-        window.append((step, loss.detach(), len(images), lr))
+            losses, n = loss_fn(model, batch)
+            scaler.scale(losses["loss"] / group).backward()
+        if not names:
+            names = ["loss", *sorted(k for k in losses if k != "loss")]
+        window.append((step, torch.stack([losses[k].detach().float() for k in names]), n, lr))
         if is_update:
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
@@ -183,23 +208,27 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step_update(num_updates=num_updates)
         if len(window) >= CHECK_EVERY or step + 1 == n_batches:
-            values = torch.stack([w[1] for w in window]).float().cpu().tolist()  # one host sync
-            checked = [(w[0], v, w[2], w[3]) for w, v in zip(window, values)]
+            values = torch.stack([w[1] for w in window]).cpu()  # one host sync: (steps, named losses)
+            checked = [(w[0], float(v[0]), w[2], w[3]) for w, v in zip(window, values)]
+            counts = torch.tensor([w[2] for w in window], dtype=torch.float64)
             window.clear()
             bad = _first_bad_step(checked, info)
             if bad is not None:
                 optimizer.zero_grad(set_to_none=True)
                 lr = next(c[3] for c in checked if c[0] == bad[0])
                 raise NonFiniteLossError(epoch, bad[0], lr, bad[1])
-            total_loss += sum(v * n for _, v, n, _ in checked)
-            seen += sum(n for _, _, n, _ in checked)
-            batches.set_postfix(loss=f"{total_loss / max(seen, 1):.4f}", lr=f"{current_lr(optimizer):.2e}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+            part = (values.double() * counts[:, None]).sum(0)
+            totals = part if totals is None else totals + part
+            seen += int(counts.sum())
+            batches.set_postfix(loss=f"{float(totals[0]) / max(seen, 1):.4f}", lr=f"{current_lr(optimizer):.2e}")
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
     elapsed = time.perf_counter() - start
     images_total = int(round(reduce_mean(seen, info) * info.world_size))
-    return TrainStats(loss=reduce_mean(total_loss / max(seen, 1), info), lr=current_lr(optimizer),
-                      images=images_total, time_s=elapsed, num_updates=num_updates)
+    means = {k: reduce_mean(float(totals[i]) / max(seen, 1), info) if totals is not None else float("nan")
+             for i, k in enumerate(names or ["loss"])}
+    return TrainStats(losses=means, lr=current_lr(optimizer), images=images_total, time_s=elapsed,
+                      num_updates=num_updates)
 
 
 @torch.no_grad()

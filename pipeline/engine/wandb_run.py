@@ -27,13 +27,14 @@ class NullRun:
 
 
 def start_run(wandb_cfg, run_root: str | Path, *, name: str, group: str, job_type: str,
-              config: dict[str, Any], enabled: bool = True):
+              config: dict[str, Any], enabled: bool = True, run_id: str | None = None):
     """Start a W&B run whose files land under ``run_root/wandb/``.
 
     Args:
         wandb_cfg: the ``wandb`` config section (mode, project, entity, tags).
         run_root: ``runs/<experiment>``.
         enabled: False on non-main ranks.
+        run_id: the id of a run to continue (a resumed fold logs to the run it started, not a new one).
     """
     if not enabled or wandb_cfg.mode == "disabled":
         return NullRun()
@@ -54,5 +55,6 @@ def start_run(wandb_cfg, run_root: str | Path, *, name: str, group: str, job_typ
     return wandb.init(
         project=wandb_cfg.project, entity=wandb_cfg.entity, group=group, job_type=job_type, name=name,
         config=config, dir=str(run_root), mode=wandb_cfg.mode, tags=list(wandb_cfg.tags), reinit="finish_previous",
+        id=run_id, resume="allow" if run_id else None,
         settings=wandb.Settings(console="off", x_disable_stats=True, silent=True),
     )
