@@ -181,6 +181,25 @@ class AugmentConfig(Section):
         return self
 
 
+class SwaConfig(Section):
+    # Average the weights at the end of each epoch from start_epoch (counted from 1) on, or of the
+    # last last_n epochs; BatchNorm statistics are recomputed for the average. Both null: off.
+    start_epoch: int | None = Field(None, ge=1)
+    last_n: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0)  # SWALR's constant rate over the averaged epochs; null: the run's schedule
+    anneal_epochs: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SwaConfig:
+        if self.start_epoch is not None and self.last_n is not None:
+            raise ValueError("set start_epoch or last_n, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.start_epoch is not None or self.last_n is not None
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -211,6 +230,7 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0)
     cache_images: bool = True
     augment: AugmentConfig = AugmentConfig()
+    swa: SwaConfig = SwaConfig()
 
 
 TtaName = Literal[
@@ -268,6 +288,33 @@ class PackageConfig(Section):
     limit: str = "9h"
 
 
+class PseudoConfig(Section):
+    # Test images with confident teacher predictions join training. `from` names teacher experiments
+    # (fold k learns from the teacher's fold-k test predictions only) or a submission .json (all folds
+    # mixed: CV becomes optimistic; accepted with a warning that is recorded).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              populate_by_name=True)
+    source: list[str] | str | None = Field(None, alias="from")
+    threshold: float = Field(0.9, ge=0.0, le=1.0)
+    soft: bool = False
+    weight: float = Field(1.0, gt=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.source)
+
+
+class DistillConfig(Section):
+    # The student learns from the teacher blend's OOF probabilities for its training images plus the labels.
+    teacher: list[str] = []
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "kaggle-pipeline"
@@ -312,6 +359,8 @@ class Config(RunConfig):
     predict: PredictConfig = PredictConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     package: PackageConfig = PackageConfig()
+    pseudo: PseudoConfig = PseudoConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 C = TypeVar("C", bound=BaseModel)
