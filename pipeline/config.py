@@ -203,7 +203,8 @@ class SwaConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
-    img_size: int = Field(32, ge=8)
+    # auto: from the competition's image sizes and the backbone's stride (pipeline/image_size.py).
+    img_size: int | Literal["auto"] = 32
     lr: float = Field(1e-3, gt=0.0)
     min_lr: float = Field(1e-6, ge=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
@@ -231,6 +232,13 @@ class TrainConfig(Section):
     cache_images: bool = True
     augment: AugmentConfig = AugmentConfig()
     swa: SwaConfig = SwaConfig()
+
+    @field_validator("img_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 8:
+            raise ValueError("must be at least 8 (pixels), or auto")
+        return v
 
 
 TtaName = Literal[
