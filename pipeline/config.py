@@ -244,7 +244,7 @@ class TrainConfig(Section):
 TtaName = Literal[
     "identity", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse",
     "d4", "five_crop", "ten_crop", "scale_0.875", "scale_1.125", "scale_1.25",
-    "zoom_0.875", "zoom_1.0625", "zoom_1.125", "zoom_1.25",
+    "zoom_0.875", "zoom_1.0625", "zoom_1.125", "zoom_1.25", "scale_1.15", "zoom_1.15",
 ]
 
 
@@ -323,6 +323,21 @@ class DistillConfig(Section):
         return bool(self.teacher)
 
 
+class FinetuneConfig(Section):
+    # A higher-resolution stage: each fold starts from fold k's best weights of experiment `from`
+    # and trains at img_size for epochs at lr (these replace train.img_size/epochs/lr).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              populate_by_name=True)
+    source: str | None = Field(None, alias="from")
+    img_size: int | None = Field(None, ge=8)
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.source)
+
+
 class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "kaggle-pipeline"
@@ -369,6 +384,9 @@ class Config(RunConfig):
     package: PackageConfig = PackageConfig()
     pseudo: PseudoConfig = PseudoConfig()
     distill: DistillConfig = DistillConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    # Several seeds of this recipe as members of one experiment, averaged before blending.
+    seeds: list[int] = []
 
 
 C = TypeVar("C", bound=BaseModel)

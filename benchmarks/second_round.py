@@ -1,0 +1,183 @@
+"""What each second-round lever buys on a harder digits competition, judged on the hidden solution.
+
+The embedded digits are too easy (the first round scores 0.99+), so this builds a harder variant:
+the same competition with only a fraction of the training images (``--fraction``, default a third)
+and optionally flipped training labels (``--label-noise``, when the digits builder has that
+option). The test images and the hidden solution stay the same.
+
+It trains the first round (two architectures, blended with the default SLSQP weights), then each
+lever, and prints one row per lever: OOF accuracy and log loss (what a competitor sees) and
+accuracy on the hidden solution (the judge: a blend can always match OOF by adding members), with
+the difference to the first-round blend. Levers that did not help are printed like the rest.
+
+    python benchmarks/second_round.py                        # a third of the images, 5 folds
+    python benchmarks/second_round.py --fraction 0.25 --epochs 8 --out work/second_round
+    python benchmarks/second_round.py --levers hill_climb stack swa   # a subset
+
+Each experiment is a real ``pipeline.run`` (train every fold, predict with TTA); their logs go to
+``<out>/logs/``. Expect a few minutes per trained lever on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.digits import build_digits, private_dir  # noqa: E402
+from pipeline.io import atomic_write_csv  # noqa: E402
+
+LEVERS = ["hill_climb", "stack", "power", "ema", "swa", "pseudo", "distill", "seeds", "finetune", "round2"]
+
+
+def build_variant(out: Path, fraction: float, label_noise: float, seed: int = 0) -> Path:
+    """A copy of the digits competition keeping ``fraction`` of the train rows (stratified)."""
+    full = out / "data" / "digits_full"
+    kwargs = {"label_noise": label_noise} if label_noise else {}
+    build_digits(full, seed=seed, **kwargs)
+    root = out / "data" / "digits_hard"
+    if root.exists():
+        shutil.rmtree(root)
+        shutil.rmtree(private_dir(root), ignore_errors=True)
+    shutil.copytree(full, root)
+    shutil.copytree(private_dir(full), private_dir(root))
+    train = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, group in train.groupby("label"):
+        keep += list(group.index[rng.permutation(len(group))[:max(2, int(round(fraction * len(group))))]])
+    atomic_write_csv(root / "train.csv", train.loc[sorted(keep)])
+    return root
+
+
+class Bench:
+    def __init__(self, out: Path, root: Path, epochs: int, folds: int):
+        self.out, self.root = out, root
+        self.base = [f"competition.root={root}", "competition.name=digits_hard", "competition.build=null",
+                     f"competition.solution={private_dir(root) / 'solution.csv'}",
+                     f"paths.work={out / 'work'}", f"paths.runs={out / 'runs'}",
+                     f"paths.submissions={out / 'submissions'}", "wandb.mode=disabled",
+                     f"train.epochs={epochs}", f"folds.k={folds}"]
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.times: dict[str, float] = {}
+
+    def cfg(self, *overrides: str):
+        return load_config(REPO / "configs" / "default.yaml", self.base + list(overrides))
+
+    def train(self, name: str, *overrides: str) -> None:
+        """``pipeline.run`` of one experiment (skips work that is up to date)."""
+        from pipeline.run import run_all
+
+        cfg = self.cfg(f"experiment={name}", f"ensemble.experiments=[{name}]", *overrides)
+        t = time.time()
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            run_all(cfg)
+        (self.out / "logs" / f"{name}.log").write_text(log.getvalue())
+        self.times[name] = time.time() - t
+        print(f"  trained {name} ({self.times[name]:.0f}s)", flush=True)
+
+    def blend(self, lever: str, names: list[str], *overrides: str) -> dict:
+        from pipeline.ensemble import run_ensemble
+
+        cfg = self.cfg(f"experiment={names[0]}", *overrides)
+        res = run_ensemble(cfg, names, name=lever.replace(" ", "_"), quiet=True)
+        row = {"lever": lever, "members": "+".join(names), "method": cfg.ensemble.method,
+               "oof_acc": res.cv_acc, "oof_logloss": res.cv_logloss, "hidden_acc": res.solution_score,
+               "train_s": sum(self.times.get(n, 0.0) for n in names)}
+        self.rows.append(row)
+        print(f"  {lever:<28} OOF acc {row['oof_acc']:.4f} log loss {row['oof_logloss']:.4f} "
+              f"hidden acc {row['hidden_acc']:.4f}", flush=True)
+        return row
+
+    def table(self) -> str:
+        df = pd.DataFrame(self.rows)
+        base = df.iloc[0]
+        df["d_oof_acc"] = df["oof_acc"] - base["oof_acc"]
+        df["d_hidden_acc"] = df["hidden_acc"] - base["hidden_acc"]
+        lines = [f"{'lever':<30} {'oof_acc':>8} {'oof_ll':>8} {'hidden':>8} {'d_hidden':>9}  members"]
+        for r in df.itertuples():
+            lines.append(f"{r.lever:<30} {r.oof_acc:>8.4f} {r.oof_logloss:>8.4f} {r.hidden_acc:>8.4f} "
+                         f"{r.d_hidden_acc:>+9.4f}  {r.members} ({r.method})")
+        return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="work/second_round", help="folder for data, runs and logs")
+    parser.add_argument("--fraction", type=float, default=1 / 3, help="share of the training images kept")
+    parser.add_argument("--label-noise", type=float, default=0.0, help="share of training labels flipped")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--levers", nargs="+", default=LEVERS, choices=LEVERS)
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    import os
+
+    os.system("uptime")
+    root = build_variant(out, args.fraction, args.label_noise)
+    bench = Bench(out, root, args.epochs, args.folds)
+    n_train = len(pd.read_csv(root / "train.csv"))
+    print(f"harder digits: {n_train} training images ({args.fraction:.2f} of them), label noise "
+          f"{args.label_noise}, {args.folds} folds, {args.epochs} epochs; outputs in {out}")
+
+    print("first round")
+    bench.train("r1_resnet10t")
+    bench.train("r1_resnet18", "model.backbone=resnet18")
+    first = ["r1_resnet10t", "r1_resnet18"]
+    bench.blend("first round (optimize)", first)
+    bench.blend("  single resnet10t", ["r1_resnet10t"])
+    bench.blend("  single resnet18", ["r1_resnet18"])
+    levers = set(args.levers)
+    print("levers")
+    if "hill_climb" in levers:
+        bench.blend("hill_climb", first, "ensemble.method=hill_climb")
+    if "stack" in levers:
+        bench.blend("stack", first, "ensemble.method=stack")
+    if "power" in levers:
+        bench.blend("power merge", first, "ensemble.merge=power")
+    if "ema" in levers:
+        bench.train("r2_ema", "train.ema=true")
+        bench.blend("EMA (resnet10t)", ["r2_ema"])
+    if "swa" in levers:
+        bench.train("r2_swa", "train.swa.last_n=3")
+        bench.blend("SWA last 3 (resnet10t)", ["r2_swa"])
+    students = []
+    if "pseudo" in levers:
+        bench.train("r2_pseudo", "pseudo.from=[r1_resnet10t, r1_resnet18]", "pseudo.threshold=0.9")
+        bench.blend("pseudo-labels (resnet10t)", ["r2_pseudo"])
+        students.append("r2_pseudo")
+    if "distill" in levers:
+        bench.train("r2_distill", "distill.teacher=[r1_resnet10t, r1_resnet18]", "distill.alpha=0.5",
+                    "distill.temperature=2.0")
+        bench.blend("distilled (resnet10t)", ["r2_distill"])
+        students.append("r2_distill")
+    if "seeds" in levers:
+        bench.train("r2_seeds", "seeds=[0, 1, 2]")
+        bench.blend("3 seeds (resnet10t)", ["r2_seeds"])
+        students.append("r2_seeds")
+    if "finetune" in levers:
+        bench.train("r2_finetune", "finetune.from=r1_resnet10t", "finetune.img_size=48", "finetune.epochs=3",
+                    "finetune.lr=0.0005", "tta=[identity, zoom_1.125, scale_1.15]")
+        bench.blend("finetune 48 px (resnet10t)", ["r2_finetune"])
+    if "round2" in levers and students:
+        bench.blend("round 2 blend (hill_climb)", first + students, "ensemble.method=hill_climb")
+        bench.blend("round 2 blend (optimize)", first + students)
+    print()
+    print(bench.table())
+    os.system("uptime")
+
+
+if __name__ == "__main__":
+    main()
