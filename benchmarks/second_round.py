@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,29 +34,14 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.digits import build_digits, private_dir  # noqa: E402
-from pipeline.io import atomic_write_csv  # noqa: E402
 
 LEVERS = ["hill_climb", "stack", "power", "ema", "swa", "pseudo", "distill", "seeds", "finetune", "round2"]
 
 
 def build_variant(out: Path, fraction: float, label_noise: float, seed: int = 0) -> Path:
-    """A copy of the digits competition keeping ``fraction`` of the train rows (stratified)."""
-    full = out / "data" / "digits_full"
-    kwargs = {"label_noise": label_noise} if label_noise else {}
-    build_digits(full, seed=seed, **kwargs)
-    root = out / "data" / "digits_hard"
-    if root.exists():
-        shutil.rmtree(root)
-        shutil.rmtree(private_dir(root), ignore_errors=True)
-    shutil.copytree(full, root)
-    shutil.copytree(private_dir(full), private_dir(root))
-    train = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for _, group in train.groupby("label"):
-        keep += list(group.index[rng.permutation(len(group))[:max(2, int(round(fraction * len(group))))]])
-    atomic_write_csv(root / "train.csv", train.loc[sorted(keep)])
-    return root
+    """The digits competition with ``fraction`` of the train rows and ``label_noise`` (the builder's options)."""
+    root = out / "data" / f"digits_f{fraction:.2f}_n{label_noise:.2f}"
+    return build_digits(root, seed=seed, label_noise=label_noise, train_fraction=fraction)
 
 
 class Bench:

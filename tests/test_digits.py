@@ -134,3 +134,25 @@ def test_label_noise_flips_are_recorded_and_half_in_the_confused_pair(digits_roo
         build_digits(root)
     with pytest.raises(PipelineError, match="between 0 and"):
         build_digits(tmp_path / "other", label_noise=1.5)
+
+
+@pytest.mark.slow
+def test_train_fraction_keeps_a_stratified_share_and_every_planted_image(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from pipeline.data.digits import build_digits, private_dir
+    from pipeline.errors import PipelineError
+
+    root = build_digits(tmp_path / "digits_third", train_fraction=0.3)
+    train = pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)
+    planted = json.loads((private_dir(root) / "planted.json").read_text())
+    assert planted["train_fraction"]["kept"] == len(train) < 0.35 * planted["train_fraction"]["of"]
+    assert set(train["label"]) == set(pd.read_csv(private_dir(root) / "solution.csv", dtype=str)["label"])
+    for pair in planted["exact"] + planted["near"]:
+        assert set(pair) <= set(train["image"])
+    solution = pd.read_csv(private_dir(root) / "solution.csv")
+    assert len(solution) == len(pd.read_csv(root / "test.csv"))  # test and solution unchanged
+    with pytest.raises(PipelineError, match="train fraction 0.3"):
+        build_digits(root)

@@ -99,8 +99,13 @@ def built_label_noise(root: str | Path) -> float:
     return float(read_json(private_dir(root) / "planted.json").get("label_noise", {}).get("fraction", 0.0))
 
 
+def built_train_fraction(root: str | Path) -> float:
+    """The ``--train-fraction`` a complete build at ``root`` was made with (1 for older builds)."""
+    return float(read_json(private_dir(root) / "planted.json").get("train_fraction", {}).get("fraction", 1.0))
+
+
 def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = False,
-                 label_noise: float = 0.0) -> Path:
+                 label_noise: float = 0.0, train_fraction: float = 1.0) -> Path:
     """Build the competition folder at ``root`` (deterministic for a given ``seed``).
 
     An existing complete build is kept unless ``force``. The files are written to a temporary
@@ -109,6 +114,8 @@ def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = 
 
     Args:
         label_noise: fraction of the train images whose label is flipped (recorded in planted.json).
+        train_fraction: keep this stratified fraction of the train rows (a harder competition for
+            second-round levers; the planted images are always kept; test and solution unchanged).
 
     Raises:
         PipelineError: ``root`` (or its private folder) exists and was not made by this module, or
@@ -119,7 +126,12 @@ def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = 
     if not 0.0 <= label_noise <= MAX_LABEL_NOISE:
         raise PipelineError(f"--label-noise {label_noise}: must be a fraction between 0 and {MAX_LABEL_NOISE}, "
                             "e.g. 0.03 for 3% of the train labels")
+    if not 0.0 < train_fraction <= 1.0:
+        raise PipelineError(f"--train-fraction {train_fraction}: must be a fraction in (0, 1], e.g. 0.33")
     if is_built(root) and not force:
+        if built_train_fraction(root) != train_fraction:
+            raise PipelineError(f"{root} was built with train fraction {built_train_fraction(root)}, not "
+                                f"{train_fraction}; add --force to rebuild it, or build into another folder with --root")
         if built_label_noise(root) != label_noise:
             raise PipelineError(f"{root} was built with label noise {built_label_noise(root)}, not {label_noise}; "
                                 "add --force to rebuild it, or build into another folder with --root")
@@ -134,6 +146,8 @@ def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
     try:
         _write_competition(tmp / "competition", tmp / "private", seed, label_noise)
+        if train_fraction < 1.0:
+            _subsample_train(tmp / "competition", tmp / "private", train_fraction, seed)
         if is_built(root) and not force:
             return root  # another process finished the same deterministic build meanwhile
         for d in (private, root):
@@ -150,6 +164,33 @@ def build_digits(root: str | Path = "data/digits", seed: int = 0, force: bool = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _subsample_train(out: Path, private: Path, fraction: float, seed: int) -> None:
+    """Keep a stratified ``fraction`` of train.csv (every planted image stays), recorded in planted.json."""
+    train = pd.read_csv(out / "train.csv", dtype=str, keep_default_na=False)
+    planted = read_json(private / "planted.json")
+    keep_always = {v for v in _strings(planted) if v in set(train["image"])}
+    rng = np.random.default_rng([seed, 2])
+    keep = set(keep_always)
+    for _, group in train[~train["image"].isin(keep_always)].groupby("label"):
+        n = max(2, int(round(fraction * len(group))))
+        keep |= set(group["image"].to_numpy()[rng.permutation(len(group))[:n]])
+    kept = train[train["image"].isin(keep)]
+    atomic_write_csv(out / "train.csv", kept)
+    planted["train_fraction"] = {"fraction": fraction, "kept": len(kept), "of": len(train)}
+    planted.setdefault("counts", {})["train"] = len(kept)
+    atomic_write_json(private / "planted.json", planted)
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return []
 
 
 def _write_competition(out: Path, private: Path, seed: int, label_noise: float = 0.0) -> None:
@@ -293,8 +334,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
                         help="flip the labels of this fraction of the train images, half of them between the "
                              "two most-confused classes (recorded in planted.json; default 0)")
+    parser.add_argument("--train-fraction", type=float, default=1.0, metavar="FRACTION",
+                        help="keep this stratified fraction of the train images (a harder competition; "
+                             "default 1)")
     args = parser.parse_args(argv)
-    root = build_digits(args.root, seed=args.seed, force=args.force, label_noise=args.label_noise)
+    root = build_digits(args.root, seed=args.seed, force=args.force, label_noise=args.label_noise,
+                        train_fraction=args.train_fraction)
     print(f"embedded default competition at {root}; hidden solution in {private_dir(root)}")
     flips = read_json(private_dir(root) / "planted.json").get("label_noise", {}).get("flips", [])
     if flips:
