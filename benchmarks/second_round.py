@@ -103,10 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-noise", type=float, default=0.0, help="share of training labels flipped")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared 2-core machine more threads spin-wait)")
     parser.add_argument("--levers", nargs="+", default=LEVERS, choices=LEVERS)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     import os
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     os.system("uptime")
     root = build_variant(out, args.fraction, args.label_noise)
