@@ -23,13 +23,15 @@ TEST = "test.csv"
 OOF_TTA = "oof_tta.csv"
 PREDICT = "predict.json"
 DETECTIONS = "predictions.csv"
+SWA = "swa.pt"                      # train.swa's running average (kept apart from last.pt)
+SECOND_ROUND = "second_round.json"  # what pseudo-labels / distillation taught the fold
 # runs/<experiment>/analysis/ (work/<competition>/analysis/ for a blend): pipeline.analyze
 ANALYSIS = "analysis"
 LABEL_ISSUES = "label_issues.csv"
 EXCLUDE_DRAFT = "exclude.csv"
 ANALYSIS_SUMMARY = "summary.json"
 # every file a fold's training makes or that was made from its weights (removed on a retrain)
-FOLD_OUTPUTS = (BEST, LAST, HISTORY, OOF, METRICS, TEST, OOF_TTA, PREDICT)
+FOLD_OUTPUTS = (BEST, LAST, HISTORY, OOF, METRICS, TEST, OOF_TTA, PREDICT, SWA, SECOND_ROUND)
 
 
 def checkpoint_name(which: str) -> str:
