@@ -231,6 +231,8 @@ def discover_experiments(cfg: Config, verbose: bool = True) -> list[str]:
         data = _experiment_config(run)
         if data is None or _slug(data) != cfg.competition.slug:
             continue
+        if (run / paths.MEMBER_OF).is_file():
+            continue  # a seed member: blended through its experiment's average (pipeline/seeds.py)
         missing = missing_predictions(cfg, run.name)
         if missing:
             if verbose:

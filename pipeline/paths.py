@@ -25,6 +25,8 @@ PREDICT = "predict.json"
 DETECTIONS = "predictions.csv"
 SWA = "swa.pt"                      # train.swa's running average (kept apart from last.pt)
 SECOND_ROUND = "second_round.json"  # what pseudo-labels / distillation taught the fold
+MEMBER_OF = "member_of.json"        # runs/<experiment>-seed<s>/: a seed member of <experiment>
+SEEDS = "seeds.json"                # runs/<experiment>/: its seed members and their scores
 # runs/<experiment>/analysis/ (work/<competition>/analysis/ for a blend): pipeline.analyze
 ANALYSIS = "analysis"
 LABEL_ISSUES = "label_issues.csv"

@@ -20,8 +20,6 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.metrics import accuracy, log_loss
 
-MEMBER_MARK = "member_of.json"
-
 
 def member_name(experiment: str, seed: int) -> str:
     return f"{experiment}-seed{seed}"
@@ -29,7 +27,7 @@ def member_name(experiment: str, seed: int) -> str:
 
 def is_member(cfg: Config, experiment: str) -> bool:
     """Whether ``experiment`` is a seed member of another experiment (never blended on its own)."""
-    return (paths.run_dir(cfg, experiment) / MEMBER_MARK).is_file()
+    return (paths.run_dir(cfg, experiment) / paths.MEMBER_OF).is_file()
 
 
 def member_configs(cfg: Config) -> list[Config]:
@@ -45,7 +43,7 @@ def member_configs(cfg: Config) -> list[Config]:
 
 
 def mark_member(cfg: Config, member: Config) -> None:
-    atomic_write_json(paths.run_dir(member) / MEMBER_MARK, {"experiment": cfg.experiment, "seed": member.seed})
+    atomic_write_json(paths.run_dir(member) / paths.MEMBER_OF, {"experiment": cfg.experiment, "seed": member.seed})
 
 
 def _mean_frames(frames: list[pd.DataFrame], classes: list[str], where: str) -> pd.DataFrame:
@@ -61,30 +59,30 @@ def _mean_frames(frames: list[pd.DataFrame], classes: list[str], where: str) -> 
 def average_members(cfg: Config, members: list[Config], folds: list[int]) -> dict[str, Any]:
     """Write the experiment's per-fold average of its members' predictions; returns seeds.json."""
     run = paths.run_dir(cfg)
-    classes = list(read_json(paths.run_dir(members[0]) / "classes.json")["classes"])
-    save_config(cfg, run / "config.yaml")
-    atomic_write_json(run / "classes.json", {"classes": classes})
+    classes = list(read_json(paths.run_dir(members[0]) / paths.CLASSES)["classes"])
+    save_config(cfg, run / paths.CONFIG)
+    atomic_write_json(run / paths.CLASSES, {"classes": classes})
     index = {c: i for i, c in enumerate(classes)}
     summary: dict[str, Any] = {"members": [m.experiment for m in members], "seeds": [m.seed for m in members],
                                "folds": {}}
     for k in folds:
         d = paths.fold_dir(cfg, k)
         read = {}
-        for name in ("oof.csv", "oof_tta.csv", "test.csv"):
+        for name in (paths.OOF, paths.OOF_TTA, paths.TEST):
             frames = [pd.read_csv(paths.fold_dir(m, k) / name, dtype={"image": str, "label": str},
                                   keep_default_na=False) for m in members]
             read[name] = _mean_frames(frames, classes, f"fold{k}/{name}")
             atomic_write_csv(d / name, read[name])
-        y = read["oof.csv"]["label"].map(index).to_numpy()
-        member_acc = [read_json(paths.fold_dir(m, k) / "predict.json").get("oof_acc_tta") for m in members]
-        tta = read_json(paths.fold_dir(members[0], k) / "predict.json").get("tta", [])
+        y = read[paths.OOF]["label"].map(index).to_numpy()
+        member_acc = [read_json(paths.fold_dir(m, k) / paths.PREDICT).get("oof_acc_tta") for m in members]
+        tta = read_json(paths.fold_dir(members[0], k) / paths.PREDICT).get("tta", [])
         info = {"tta": tta, "seeds": [m.seed for m in members],
-                "oof_acc": accuracy(read["oof.csv"][classes].to_numpy(), y),
-                "oof_logloss": log_loss(read["oof.csv"][classes].to_numpy(), y),
-                "oof_acc_tta": accuracy(read["oof_tta.csv"][classes].to_numpy(), y),
-                "oof_logloss_tta": log_loss(read["oof_tta.csv"][classes].to_numpy(), y),
+                "oof_acc": accuracy(read[paths.OOF][classes].to_numpy(), y),
+                "oof_logloss": log_loss(read[paths.OOF][classes].to_numpy(), y),
+                "oof_acc_tta": accuracy(read[paths.OOF_TTA][classes].to_numpy(), y),
+                "oof_logloss_tta": log_loss(read[paths.OOF_TTA][classes].to_numpy(), y),
                 "member_oof_acc_tta": member_acc}
-        atomic_write_json(d / "predict.json", info)
+        atomic_write_json(d / paths.PREDICT, info)
         summary["folds"][k] = info
-    atomic_write_json(run / "seeds.json", summary)
+    atomic_write_json(run / paths.SEEDS, summary)
     return summary
