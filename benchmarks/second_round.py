@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.digits import build_digits, private_dir  # noqa: E402
 
-LEVERS = ["hill_climb", "stack", "power", "ema", "swa", "pseudo", "distill", "seeds", "finetune", "round2"]
+LEVERS = ["hill_climb", "stack", "power", "swa", "pseudo", "distill", "seeds", "finetune", "round2"]
 
 
 def build_variant(out: Path, fraction: float, label_noise: float, seed: int = 0) -> Path:
@@ -53,6 +55,8 @@ class Bench:
                      f"train.epochs={epochs}", f"folds.k={folds}"]
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
+        self.notes: list[str] = []
+        self.train_only = self.blend_only = False
         self.times: dict[str, float] = {}
 
     def cfg(self, *overrides: str):
@@ -61,6 +65,9 @@ class Bench:
     def train(self, name: str, *overrides: str) -> None:
         """``pipeline.run`` of one experiment (skips work that is up to date)."""
         from pipeline.run import run_all
+
+        if self.blend_only:
+            return
 
         cfg = self.cfg(f"experiment={name}", f"ensemble.experiments=[{name}]", *overrides)
         t = time.time()
@@ -71,8 +78,11 @@ class Bench:
         self.times[name] = time.time() - t
         print(f"  trained {name} ({self.times[name]:.0f}s)", flush=True)
 
-    def blend(self, lever: str, names: list[str], *overrides: str) -> dict:
+    def blend(self, lever: str, names: list[str], *overrides: str) -> dict | None:
         from pipeline.ensemble import run_ensemble
+
+        if self.train_only:
+            return None
 
         cfg = self.cfg(f"experiment={names[0]}", *overrides)
         res = run_ensemble(cfg, names, name=lever.replace(" ", "_"), quiet=True)
@@ -83,6 +93,30 @@ class Bench:
         print(f"  {lever:<28} OOF acc {row['oof_acc']:.4f} log loss {row['oof_logloss']:.4f} "
               f"hidden acc {row['hidden_acc']:.4f}", flush=True)
         return row
+
+    def fold_metrics(self, name: str) -> list[dict]:
+        from pipeline import paths
+
+        cfg = self.cfg(f"experiment={name}")
+        return [json.loads((paths.fold_dir(cfg, k) / paths.METRICS).read_text()) for k in range(cfg.folds.k)]
+
+    def swa_vs_ema(self, name: str) -> None:
+        ms = self.fold_metrics(name)
+        swa = np.mean([m["swa_val_acc"] for m in ms])
+        ema = np.mean([m["best_epoch_val_acc"] for m in ms])
+        self.notes.append(f"{name}: mean fold val acc, SWA model {swa:.4f} vs best EMA epoch {ema:.4f} (same run)")
+        print("  " + self.notes[-1], flush=True)
+
+    def views(self, name: str) -> None:
+        from pipeline import paths
+
+        cfg = self.cfg(f"experiment={name}")
+        per = [json.loads((paths.fold_dir(cfg, k) / paths.PREDICT).read_text())["oof_acc_per_view"]
+               for k in range(cfg.folds.k)]
+        means = {v: np.mean([p[v] for p in per]) for v in per[0]}
+        self.notes.append(f"{name}: mean fold OOF acc per TTA view: "
+                          + ", ".join(f"{v} {a:.4f}" for v, a in means.items()))
+        print("  " + self.notes[-1], flush=True)
 
     def table(self) -> str:
         df = pd.DataFrame(self.rows)
@@ -105,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine more threads spin-wait)")
+    parser.add_argument("--train-only", action="store_true", help="train every experiment, blend nothing")
+    parser.add_argument("--blend-only", action="store_true",
+                        help="train nothing: blend and report the experiments already trained in --out")
     parser.add_argument("--levers", nargs="+", default=LEVERS, choices=LEVERS)
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -117,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     os.system("uptime")
     root = build_variant(out, args.fraction, args.label_noise)
     bench = Bench(out, root, args.epochs, args.folds)
+    bench.train_only, bench.blend_only = args.train_only, args.blend_only
     n_train = len(pd.read_csv(root / "train.csv"))
     print(f"harder digits: {n_train} training images ({args.fraction:.2f} of them), label noise "
           f"{args.label_noise}, {args.folds} folds, {args.epochs} epochs; outputs in {out}")
@@ -136,12 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         bench.blend("stack", first, "ensemble.method=stack")
     if "power" in levers:
         bench.blend("power merge", first, "ensemble.merge=power")
-    if "ema" in levers:
-        bench.train("r2_ema", "train.ema=true")
-        bench.blend("EMA (resnet10t)", ["r2_ema"])
     if "swa" in levers:
-        bench.train("r2_swa", "train.swa.last_n=3")
-        bench.blend("SWA last 3 (resnet10t)", ["r2_swa"])
+        # SWA and EMA on the same run: metrics.json keeps the best EMA epoch beside the SWA model.
+        bench.train("r2_swa", "train.swa.last_n=3", "train.ema=true")
+        bench.blend("SWA last 3 (resnet10t, EMA on)", ["r2_swa"])
+        if not args.train_only:
+            bench.swa_vs_ema("r2_swa")
     students = []
     if "pseudo" in levers:
         bench.train("r2_pseudo", "pseudo.from=[r1_resnet10t, r1_resnet18]", "pseudo.threshold=0.9")
@@ -153,18 +191,24 @@ def main(argv: list[str] | None = None) -> None:
         bench.blend("distilled (resnet10t)", ["r2_distill"])
         students.append("r2_distill")
     if "seeds" in levers:
-        bench.train("r2_seeds", "seeds=[0, 1, 2]")
-        bench.blend("3 seeds (resnet10t)", ["r2_seeds"])
+        bench.train("r2_seeds", "seeds=[1, 2]")
+        bench.blend("2 seeds averaged (resnet10t)", ["r2_seeds"])
         students.append("r2_seeds")
     if "finetune" in levers:
         bench.train("r2_finetune", "finetune.from=r1_resnet10t", "finetune.img_size=48", "finetune.epochs=3",
                     "finetune.lr=0.0005", "tta=[identity, zoom_1.125, scale_1.15]")
         bench.blend("finetune 48 px (resnet10t)", ["r2_finetune"])
+        if not args.train_only:
+            bench.views("r2_finetune")
     if "round2" in levers and students:
         bench.blend("round 2 blend (hill_climb)", first + students, "ensemble.method=hill_climb")
         bench.blend("round 2 blend (optimize)", first + students)
+    if args.train_only:
+        return
     print()
     print(bench.table())
+    for note in bench.notes:
+        print(note)
     os.system("uptime")
 
 
