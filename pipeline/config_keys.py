@@ -45,6 +45,10 @@ KEYS: dict[str, str] = {
     "folds": RETRAIN,
     "tta": NO_RETRAIN,
     "ensemble": NO_RETRAIN,
+    "pseudo": RETRAIN,                  # second round: what each fold learns from (teachers, threshold ...)
+    "distill": RETRAIN,
+    "finetune": RETRAIN,                # the start weights; its img_size/epochs/lr are written into train.*
+    "seeds": RETRAIN,                   # which seed members make the experiment's average
     # --- detection
     "data": RETRAIN,
     "data.cache_images": NO_RETRAIN,

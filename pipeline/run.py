@@ -59,13 +59,20 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
     from pipeline.data import load_competition
     from pipeline.engine.distributed import barrier, init_distributed
     from pipeline.ensemble import discover_experiments, ensure_submission, format_table
+    from pipeline.finetune import resolve_training_config
     from pipeline.folds import ensure_folds
     from pipeline.predict import predict_fold
+    from pipeline.seeds import average_members, mark_member, member_configs
     from pipeline.train import fold_is_current
 
     start = time.time()
     dist = init_distributed(cfg.device)
     say = print if dist.is_main else (lambda *a, **k: None)
+    # finetune.* and train.img_size: auto resolved here too, so the up-to-date check sees what trains.
+    cfg = resolve_training_config(cfg, quiet=not dist.is_main)
+    # seeds: [..]: every stage up to prediction runs for each seed's member run; the experiment
+    # itself then holds their average (pipeline/seeds.py), which is what gets blended.
+    members = member_configs(cfg)
 
     t = time.time()
     if dist.is_main:
@@ -81,28 +88,37 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
 
     t = time.time()
     trained, skipped = [], []
-    for k in ks:
-        current, reason = fold_is_current(cfg, k, folds)
-        if current:
-            skipped.append(k)
-            continue
-        say(f"        train fold {k}: {reason}; training {cfg.model.backbone} for {cfg.train.epochs} epochs")
-        _train_fold(cfg, k)
-        trained.append(k)
-    accs = []
-    for k in ks:
-        m = paths.fold_dir(cfg, k) / paths.METRICS
-        accs.append(read_json(m).get("val_acc", float("nan")) if m.is_file() else float("nan"))
-    say(f"[2/4] train       {cfg.experiment}: {len(trained)} fold(s) trained, {len(skipped)} up to date; "
-        f"fold val acc {' '.join(f'{a:.4f}' for a in accs)} ({_fmt_time(time.time() - t)})")
+    for run in members or [cfg]:
+        if dist.is_main and members:
+            mark_member(cfg, run)
+        for k in ks:
+            current, reason = fold_is_current(run, k, folds)
+            if current:
+                skipped.append(k)
+                continue
+            say(f"        train fold {k}{f' of {run.experiment}' if members else ''}: {reason}; training "
+                f"{cfg.model.backbone} for {cfg.train.epochs} epochs")
+            _train_fold(run, k)
+            trained.append(k)
+        accs = []
+        for k in ks:
+            m = paths.fold_dir(run, k) / paths.METRICS
+            accs.append(read_json(m).get("val_acc", float("nan")) if m.is_file() else float("nan"))
+        say(f"[2/4] train       {run.experiment}: {len(trained)} fold(s) trained, {len(skipped)} up to date; "
+            f"fold val acc {' '.join(f'{a:.4f}' for a in accs)} ({_fmt_time(time.time() - t)})")
     if not dist.is_main:
         barrier(dist)
         return RunSummary(cfg.experiment, {}, None, None, {}, trained, skipped, time.time() - start)
 
     t = time.time()
     infos = {}
-    for k in ks:
-        infos[k] = predict_fold(cfg, k, quiet=True)
+    for run in members or [cfg]:
+        for k in ks:
+            infos[k] = predict_fold(run, k, quiet=True)
+    if members:
+        infos = average_members(cfg, members, ks)["folds"]
+        say(f"        seeds       {cfg.experiment}: the average of {len(members)} seeds "
+            f"({', '.join(str(m.seed) for m in members)}) is the experiment's prediction")
     gain = [infos[k]["oof_acc_tta"] - infos[k]["oof_acc"] for k in ks]
     say(f"[3/4] predict     TTA [{', '.join(infos[ks[0]]['tta'])}]: mean OOF acc gain {sum(gain) / len(gain):+.4f} "
         f"({_fmt_time(time.time() - t)})")

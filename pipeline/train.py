@@ -47,11 +47,20 @@ from pipeline.engine.loop import (
 )
 from pipeline.engine.optim import create_optimizer, create_scheduler, updates_per_epoch
 from pipeline.engine.seed import cudnn_autotune, seed_everything
+from pipeline.engine.swa import Swa, swa_start_epoch
 from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
+from pipeline.finetune import load_start_weights, resolve_training_config
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.models import create_classifier
 from pipeline.progress import bar
+from pipeline.soft_training import (
+    PackedTargetDataset,
+    SoftRows,
+    soft_loss_and_mixup,
+    soft_rows,
+    soft_targets_on,
+)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr",
                    "images_per_s", "epoch_time_s"]
@@ -123,8 +132,12 @@ def _preload(dataset: ImageDataset, images: list[str], what: str, show: bool) ->
                                 "the row from the competition's train table") from None
 
 
-def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, classes: list[str], info: DistInfo):
+def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, classes: list[str], info: DistInfo,
+                  soft: SoftRows | None = None):
     """Train loader (shuffled, sharded by ``DistributedSampler``) and this rank's validation shard.
+
+    With ``soft`` (pseudo-labels, distillation) the train loader yields its rows and packed soft
+    targets instead of the fold's rows and class indices.
 
     Returns:
         (train_loader, val_loader, train_rows, val_rows, val_shard) where ``val_shard`` holds the
@@ -142,11 +155,16 @@ def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, class
     def dataset(rows: pd.DataFrame, transform) -> ImageDataset:
         return ImageDataset([root / p for p in rows["image"]], rows["label"].map(index).to_numpy(), transform)
 
-    train_ds = dataset(train_rows, train_transform(t.img_size, t.augment))
+    if soft is not None:
+        train_ds = PackedTargetDataset(soft.paths, soft.packed, train_transform(t.img_size, t.augment))
+        train_names = list(train_rows["image"]) + soft.paths[len(train_rows):]
+    else:
+        train_ds = dataset(train_rows, train_transform(t.img_size, t.augment))
+        train_names = list(train_rows["image"])
     val_ds = dataset(val_rows, eval_transform(t.img_size, t.augment))
     if t.cache_images:
         # Decoded once, before workers fork (they share the memory); PNGs are not re-read each epoch.
-        _preload(train_ds, list(train_rows["image"]), "train", info.is_main)
+        _preload(train_ds, train_names, "train", info.is_main)
         _preload(val_ds, list(val_rows["image"]), "validation", info.is_main)
 
     sampler = EpochSampler(DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
@@ -333,35 +351,52 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
         PipelineError: a user-fixable problem (no such fold, nothing to resume, NaN loss, ...).
     """
     info = init_distributed(cfg.device)
+    cfg = resolve_training_config(cfg, quiet=not info.is_main)
     t = cfg.train
     folds, classes, root = _fold_data(cfg, fold, info)
     ckpt = _resume_checkpoint(cfg, fold) if resume else None
     if ckpt is not None and ckpt.get("finished"):
         if info.is_main:
             print(f"train: fold {fold} of {cfg.experiment} is already complete; writing its outputs again")
-            return _finish_fold(cfg, fold, ckpt, folds, classes)
+            return _finish_fold(cfg, fold, ckpt, folds, classes, swa=_final_swa(cfg, fold))
         return {}
 
     cudnn_autotune(info.device)
     amp = resolve_amp(t.amp, info.device)
     # The model first: a bad backbone name or weights file fails before minutes of image caching.
     bare, model, eval_model, ema = build_model(cfg, len(classes), info)
-    train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(cfg, folds, fold, root, classes, info)
+    if cfg.finetune.enabled and ckpt is None:
+        loaded = load_start_weights(cfg, fold, bare, classes)
+        if ema is not None:
+            ema.module.load_state_dict(bare.state_dict())
+        if info.is_main:
+            print(f"train: fold {fold} continues from {loaded} at {t.img_size} px")
+    soft = None
+    if soft_targets_on(cfg):
+        soft = soft_rows(cfg, fold, folds, folds[folds["fold"] != fold].reset_index(drop=True), classes, root)
+    train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(cfg, folds, fold, root, classes, info,
+                                                                              soft)
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise PipelineError(f"fold {fold} has {len(train_rows)} training and {len(val_rows)} validation images; "
                             "use fewer folds (folds.k)")
     optimizer = create_optimizer(bare, t, cfg.model.head_lr_mult)
     scheduler = create_scheduler(optimizer, t, updates_per_epoch(len(train_loader), t.accum_steps))
     parts = Parts(model, bare, optimizer, scheduler, amp.grad_scaler(), ema)
-    mixup = create_mixup(t, len(classes))
-    loss_fn = classification_loss(create_train_loss(t, mixup), amp=amp, device=info.device, mixup=mixup,
-                                  channels_last=t.channels_last)
+    if soft is not None:
+        criterion, mixup = soft_loss_and_mixup(cfg, len(classes))
+    else:
+        mixup = create_mixup(t, len(classes))
+        criterion = create_train_loss(t, mixup)
+    loss_fn = classification_loss(criterion, amp=amp, device=info.device, mixup=mixup, channels_last=t.channels_last)
+    swa = _swa(cfg, fold, bare, optimizer, resumed=ckpt is not None)
     seed_everything(cfg.seed + info.rank)  # data order, Mixup and dropout differ between ranks
     state = restore(parts, ckpt, info) if ckpt is not None else FitState()
     if ckpt is not None and info.is_main:
         print(f"train: resuming fold {fold} of {cfg.experiment} after epoch {state.epoch}")
 
     _start_outputs(cfg, fold, classes, fresh=ckpt is None, info=info)
+    if soft is not None and info.is_main:
+        atomic_write_json(paths.fold_dir(cfg, fold) / paths.SECOND_ROUND, soft.record)
     if info.is_main:
         print(f"train: fold {fold} of {cfg.experiment}: {cfg.model.backbone}, {len(train_rows)} train / "
               f"{len(val_rows)} validation images, {len(classes)} classes, {t.epochs} epochs on {info.device}"
@@ -376,12 +411,16 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
         if mixup is not None and t.mixup_off_epoch and epoch >= t.mixup_off_epoch:
             mixup.mixup_enabled = False  # still yields (smoothed) one-hot soft targets
         try:
-            return train_one_epoch(model, train_loader, optimizer, loss_fn, epoch=epoch, info=info,
-                                   scaler=parts.scaler, scheduler=scheduler, num_updates=num_updates,
-                                   accum_steps=t.accum_steps, clip_grad=t.clip_grad, ema=ema,
-                                   desc=f"fold {fold} epoch {epoch + 1}/{t.epochs}")
+            stats = train_one_epoch(model, train_loader, optimizer, loss_fn, epoch=epoch, info=info,
+                                    scaler=parts.scaler, num_updates=num_updates,
+                                    scheduler=None if swa is not None and swa.owns_schedule(epoch) else scheduler,
+                                    accum_steps=t.accum_steps, clip_grad=t.clip_grad, ema=ema,
+                                    desc=f"fold {fold} epoch {epoch + 1}/{t.epochs}")
         except ImageReadError as exc:
             raise PipelineError(f"{str(exc).splitlines()[0]}; replace the file or remove its row") from None
+        if swa is not None and swa.end_epoch(bare, epoch) and info.is_main:
+            swa.save(paths.fold_dir(cfg, fold) / paths.SWA)  # before last.pt: a resume never adds an epoch twice
+        return stats
 
     spec = FitSpec(epochs=t.epochs, out_dir=paths.fold_dir(cfg, fold),
                    meta={"config": cfg.to_dict(), "classes": classes, "metric": cfg.competition.metric},
@@ -392,10 +431,14 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
             evaluate=_evaluator(cfg, eval_model, ema, val_loader, len(val_rows), val_shard, amp, info),
             wandb_run=wandb_run, describe=_describe(fold, t.epochs))
         barrier(info)
+        final_swa = None
+        if swa is not None:
+            final_swa = _finish_swa(cfg, fold, swa, train_loader, val_loader, len(val_rows), val_shard, amp, info,
+                                    classes)
         metrics: dict[str, Any] = {}
         if info.is_main:
             metrics = _finish_fold(cfg, fold, load_checkpoint(spec.out_dir / paths.LAST), folds, classes,
-                                   n_train=len(train_rows))
+                                   n_train=len(train_rows), swa=final_swa)
             wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         ok = True
         return metrics
@@ -406,19 +449,67 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
         wandb_run.finish(exit_code=0 if ok else 1)
 
 
+def _swa(cfg: Config, fold: int, bare: torch.nn.Module, optimizer, resumed: bool) -> Swa | None:
+    """The fold's weight average (``train.swa``), continued from its swa.pt on ``--resume``."""
+    s = cfg.train.swa
+    start = swa_start_epoch(s if s.enabled else None, cfg.train.epochs)
+    if start is None:
+        return None
+    swa = Swa(bare, start, optimizer, lr=s.lr, anneal_epochs=s.anneal_epochs)
+    path = paths.fold_dir(cfg, fold) / paths.SWA
+    if resumed and path.is_file():
+        swa.load(path)
+    return swa
+
+
+def _finish_swa(cfg: Config, fold: int, swa: Swa, train_loader, val_loader, n_val: int, val_shard: np.ndarray,
+                amp, info: DistInfo, classes: list[str]) -> dict[str, Any]:
+    """BatchNorm statistics for the averaged weights, their validation, and the fold's best.pt made of them."""
+    seed_epoch(train_loader, cfg.train.epochs)  # a fixed pass over the training data, as in any epoch
+    swa.update_bn(train_loader, info.device)
+    res = validate(swa.module, val_loader, n_val, val_shard, info=info, amp=amp, channels_last=cfg.train.channels_last,
+                   desc="valid swa")
+    final = {"val_acc": res.accuracy, "val_loss": res.loss, "epochs": [e + 1 for e in swa.epochs],
+             "probs": torch.from_numpy(np.asarray(res.probs, np.float32))}
+    if info.is_main:
+        fold_dir = paths.fold_dir(cfg, fold)
+        swa.save(fold_dir / paths.SWA, final=final)
+        # The averaged weights are the fold's model: predict, finetune and packages read best.pt.
+        from pipeline.engine.checkpoint import save_checkpoint
+
+        save_checkpoint(fold_dir / paths.BEST, {"model": swa.state_dict()["model"], "ema": None, "used_ema": False,
+                                                "used_swa": True, "config": cfg.to_dict(), "classes": classes,
+                                                "metric": cfg.competition.metric, "epoch": cfg.train.epochs - 1,
+                                                "best_metric": res.loss if cfg.competition.metric == "log_loss"
+                                                else res.accuracy})
+        print(f"train: fold {fold} SWA over epochs {final['epochs'][0]}-{final['epochs'][-1]}: val_acc "
+              f"{res.accuracy:.4f}, val_loss {res.loss:.4f} (BatchNorm statistics recomputed)")
+    return final
+
+
+def _final_swa(cfg: Config, fold: int) -> dict[str, Any] | None:
+    path = paths.fold_dir(cfg, fold) / paths.SWA
+    if not cfg.train.swa.enabled or not path.is_file():
+        return None
+    return load_checkpoint(path).get("final")
+
+
 def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFrame, classes: list[str],
-                 n_train: int | None = None) -> dict[str, Any]:
-    """Write oof.csv (the best epoch's validation probabilities) and metrics.json from ``last.pt``."""
+                 n_train: int | None = None, swa: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write oof.csv (the best epoch's validation probabilities, or the SWA model's) and metrics.json."""
     fold_dir = paths.fold_dir(cfg, fold)
     val_rows = folds[folds["fold"] == fold].reset_index(drop=True)
     probs = ckpt["best_keep"]["best_probs"].numpy()
+    best_epoch_probs = probs
+    if swa is not None:
+        probs = swa["probs"].numpy()
     if len(probs) != len(val_rows):
         raise PipelineError(f"{fold_dir / 'last.pt'} holds {len(probs)} validation rows but folds.csv has "
                             f"{len(val_rows)} in fold {fold}; folds.csv changed since, train the fold again")
     oof = pd.concat([val_rows[["image", "label"]], pd.DataFrame(probs, columns=classes)], axis=1)
     atomic_write_csv(fold_dir / paths.OOF, oof)
     history = pd.DataFrame(ckpt["history"], columns=HISTORY_COLUMNS)
-    used_ema = bool(ckpt["used_ema"])
+    used_ema = bool(ckpt["used_ema"]) and swa is None
     index = {c: i for i, c in enumerate(classes)}
     targets = val_rows["label"].map(index).to_numpy()
     p_true = np.clip(probs[np.arange(len(targets)), targets], 1e-15, 1.0)
@@ -435,9 +526,17 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
         "complete": True,
         "config": ckpt["config"],  # what fold_is_current compares (config.yaml is the experiment's latest)
     }
+    if swa is not None:
+        # The same run's best epoch (its EMA weights when train.ema is on) beside the SWA model.
+        p_best = np.clip(best_epoch_probs[np.arange(len(targets)), targets], 1e-15, 1.0)
+        metrics.update({"used_swa": True, "swa_epochs": list(swa["epochs"]), "swa_val_acc": metrics["val_acc"],
+                        "best_epoch_val_acc": float((best_epoch_probs.argmax(1) == targets).mean()),
+                        "best_epoch_val_loss": float(-np.log(p_best).mean()),
+                        "best_epoch_used_ema": bool(ckpt["used_ema"])})
     atomic_write_json(fold_dir / paths.METRICS, metrics)
+    which = " (SWA weights)" if swa is not None else " (EMA weights)" if used_ema else ""
     print(f"train: fold {fold} done: best epoch {metrics['best_epoch'] + 1}, val_acc {metrics['val_acc']:.4f}, "
-          f"val_loss {metrics['val_loss']:.4f}{' (EMA weights)' if used_ema else ''}; outputs in {fold_dir}")
+          f"val_loss {metrics['val_loss']:.4f}{which}; outputs in {fold_dir}")
     return metrics
 
 
