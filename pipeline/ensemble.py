@@ -436,6 +436,34 @@ def submission_frame(cfg: Config, test_images: pd.Series, probs: np.ndarray, cla
     return sub
 
 
+def second_round_levers(cfg: Config, names: list[str]) -> dict[str, Any]:
+    """Per blended experiment, the second-round levers it trained with (from its saved config) and
+    whether its pseudo-labels were fold-safe (from its folds' second_round.json): for the submission JSON."""
+    out: dict[str, Any] = {}
+    for n in names:
+        data = _experiment_config(paths.run_dir(cfg, n)) or {}
+        used: dict[str, Any] = {}
+        for key, on in (("pseudo", "source"), ("distill", "teacher"), ("finetune", "source")):
+            section = data.get(key) or {}
+            if section.get(on):
+                used[key] = section
+        swa = (data.get("train") or {}).get("swa") or {}
+        if swa.get("start_epoch") or swa.get("last_n"):
+            used["train.swa"] = swa
+        if data.get("seeds"):
+            used["seeds"] = data["seeds"]
+        unsafe = []
+        for k in experiment_folds(cfg, n):
+            rec = paths.fold_dir(cfg, k, n) / paths.SECOND_ROUND
+            if rec.is_file() and not (read_json(rec).get("pseudo") or {}).get("fold_safe", True):
+                unsafe.append(k)
+        if unsafe:
+            used["warning"] = f"pseudo-labels from a submission in folds {unsafe}: this experiment's CV is optimistic"
+        if used:
+            out[n] = used
+    return out
+
+
 def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, float], mixed: Blend, use_tta: bool,
           table: pd.DataFrame, n_test: int, fingerprint: str) -> dict[str, Any]:
     return {
@@ -446,6 +474,7 @@ def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, flo
         "weights": weights,
         **mixed.detail,
         "tta": {e.name: e.tta for e in exps},
+        "second_round": second_round_levers(cfg, [e.name for e in exps]),
         "used_tta_oof": use_tta,
         "cv": {r["experiment"]: {k: None if np.isnan(r[k]) else r[k] for k in ("acc", "logloss", "acc_tta",
                                                                                  "logloss_tta")}

@@ -108,6 +108,9 @@ def test_student_with_pseudo_labels_and_distillation_through_run(small_root, tea
         assert [m["model"] for m in rec["pseudo"]["models"]] == [str(paths.fold_dir(cfg, k, "teacher") / "best.pt")]
         assert rec["distill"]["n_with_teacher"] == rec["distill"]["n_rows"] > 0
         assert json.loads((paths.fold_dir(cfg, k) / paths.METRICS).read_text())["complete"]
+    meta = json.loads(summary.submission.with_suffix(".json").read_text())
+    assert meta["second_round"]["student"]["pseudo"]["source"] == ["teacher"]
+    assert meta["second_round"]["student"]["distill"]["teacher"] == ["teacher"]
     # nothing changed: a second run trains nothing
     again, _ = _run(cfg)
     assert again.trained == []
