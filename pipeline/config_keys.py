@@ -56,7 +56,8 @@ KEYS: dict[str, str] = {
     "data.test_labels": NO_RETRAIN,
     "train.max_minutes": NO_RETRAIN,    # a limit on wall time: a run it stopped may resume under a new one
     "post": RETRAIN,                    # NMS settings decide the validation mAP, hence best.pt
-    "post.score_threshold": NO_RETRAIN,  # only precision/recall at the reporting threshold
+    "post.score_threshold": NO_RETRAIN,
+    "submission": NO_RETRAIN,           # detection: the submission's form, written after training  # only precision/recall at the reporting threshold
 }
 
 
