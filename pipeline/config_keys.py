@@ -45,6 +45,7 @@ KEYS: dict[str, str] = {
     "folds": RETRAIN,
     "tta": NO_RETRAIN,
     "ensemble": NO_RETRAIN,
+    "package": NO_RETRAIN,              # an inference package is made from trained folds
     "pseudo": RETRAIN,                  # second round: what each fold learns from (teachers, threshold ...)
     "distill": RETRAIN,
     "finetune": RETRAIN,                # the start weights; its img_size/epochs/lr are written into train.*
