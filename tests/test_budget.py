@@ -79,3 +79,24 @@ def test_retarget_and_run_clock(tmp_path):
     assert back.fold_share(0, 3, now=1060) == pytest.approx(180)  # 540 s left over 3 folds
     assert RunClock(1000.0, 600, [0, 1, 2, 3], lanes=2).fold_share(0, 4, now=1000) == pytest.approx(300)
 
+
+
+def test_detection_training_keeps_to_its_budget(tmp_path, capsys):
+    """A detector whose budget is smaller than one epoch runs that one epoch of the 3 asked for, says
+    so, records it, and keeps the best (here: the only) validated weights."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.detect.config import DetectConfig
+    from pipeline.detect.shapes import build_shapes
+    from pipeline.detect.train import train
+
+    root = build_shapes(tmp_path / "s", splits={"train": 8, "val": 4})
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/banana_ssd.yaml", [
+        f"data.root={root}", "data.build=null", "data.test=null", "data.test_labels=null", "wandb.mode=disabled",
+        f"paths.runs={tmp_path / 'runs'}", "model.img_size=64", "train.epochs=3", "train.batch_size=8",
+        "predict.batch_size=8", "train.time_budget=0.5s"], schema=DetectConfig)
+    result = train(cfg)
+    assert result["epochs_run"] == 1 and result["best_epoch"] == 0
+    assert result["time_budget_s"] == 0.5 and result["time_budget_notes"] == ["time budget cut 3 epochs to 1"]
+    assert "planning 1 epoch(s) (train.epochs=3, CUT)" in capsys.readouterr().out
