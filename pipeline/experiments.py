@@ -106,9 +106,10 @@ def folds_mismatch(cfg: Config, name: str, folds: pd.DataFrame) -> str | None:
             "dedup policy or new images since)")
 
 
-def _way_out(name: str) -> str:
-    return (f"retrain it on the current data with python -m pipeline.run --config "
-            f"runs/{name}/{paths.CONFIG}, or move runs/{name}/ away to stop this line")
+def _way_out(cfg: Config, name: str) -> str:
+    run = paths.run_dir(cfg, name)
+    return (f"retrain it on the current data with python -m pipeline.run --config {run / paths.CONFIG}, "
+            f"or move {run}/ away to stop this line")
 
 
 def member_problem(cfg: Config, name: str, folds: pd.DataFrame | None) -> str | None:
@@ -123,11 +124,11 @@ def member_problem(cfg: Config, name: str, folds: pd.DataFrame | None) -> str | 
     missing = missing_predictions(cfg, name)
     if missing:
         return (f"no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: finish it with "
-                f"python -m pipeline.run --config runs/{name}/{paths.CONFIG}")
+                f"python -m pipeline.run --config {paths.run_dir(cfg, name) / paths.CONFIG}")
     if folds is not None:
         why = folds_mismatch(cfg, name, folds)
         if why:
-            return f"{why}; {_way_out(name)}"
+            return f"{why}; {_way_out(cfg, name)}"
     return None
 
 
@@ -144,8 +145,6 @@ def candidates(cfg: Config) -> list[str]:
         data = saved_config(cfg, run.name)
         if data is not None and competition_of(data) == cfg.competition.slug:
             found.append(run.name)
-    if cfg.experiment not in found:
-        found.append(cfg.experiment)
     return found
 
 
@@ -211,3 +210,12 @@ def set_aside(cfg: Config, why: str) -> Path | None:
     print(f"train: kept the earlier {cfg.experiment} in {target}/ ({why}); it stays in compare, and "
           "--force replaces an experiment instead")
     return target
+
+
+def discover_experiments(cfg: Config, verbose: bool = True) -> list[str]:
+    """The experiments a blend of ``cfg`` takes now (:func:`choose_members`), saying why others are left out."""
+    members = choose_members(cfg)
+    if verbose:
+        for name, why in members.skipped.items():
+            print(f"ensemble: skipping {name}: {why}")
+    return members.names
