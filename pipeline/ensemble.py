@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from scipy.optimize import minimize
 
 from pipeline import blending, paths
 from pipeline.config import Config, add_config_args, config_from_args
 from pipeline.errors import PipelineError, cli_entry
+from pipeline.experiments import Members, choose_members, experiment_folds, missing_predictions, saved_config
+from pipeline.experiments import discover_experiments as discover_experiments  # where callers look for it
 from pipeline.io import read_json
 from pipeline.metrics import accuracy, log_loss
 
@@ -192,58 +193,6 @@ class ExperimentPredictions:
     tta: list[str] = field(default_factory=list)
 
 
-def _experiment_config(run: Path) -> dict[str, Any] | None:
-    try:
-        data = yaml.safe_load((run / paths.CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _slug(data: dict[str, Any]) -> str:
-    comp = data.get("competition") or {}
-    return comp.get("name") or Path(str(comp.get("root", ""))).name
-
-
-def experiment_folds(cfg: Config, name: str) -> list[int]:
-    """The folds an experiment was trained with (``folds.k`` of its saved config)."""
-    data = _experiment_config(paths.run_dir(cfg, name))
-    if data is None:
-        raise PipelineError(f"{paths.run_dir(cfg, name)}/config.yaml is missing or unreadable; "
-                            f"train experiment {name!r} first (python -m pipeline.train)")
-    return list(range(int((data.get("folds") or {}).get("k", cfg.folds.k))))
-
-
-def missing_predictions(cfg: Config, name: str) -> list[str]:
-    """What experiment ``name`` lacks for blending (empty when every fold has OOF and test files)."""
-    missing = []
-    for k in experiment_folds(cfg, name):
-        d = paths.fold_dir(cfg, k, name)
-        missing += [f"{paths.fold_name(k)}/{f}" for f in (paths.OOF, paths.TEST) if not (d / f).is_file()]
-    return missing
-
-
-def discover_experiments(cfg: Config, verbose: bool = True) -> list[str]:
-    """Experiments under ``paths.runs`` of the configured competition with complete predictions."""
-    root = Path(cfg.paths.runs)
-    found = []
-    for run in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-        data = _experiment_config(run)
-        if data is None or _slug(data) != cfg.competition.slug:
-            continue
-        if (run / paths.MEMBER_OF).is_file():
-            continue  # a seed member: blended through its experiment's average (pipeline/seeds.py)
-        missing = missing_predictions(cfg, run.name)
-        if missing:
-            if verbose:
-                print(f"ensemble: skipping {run.name}: no {', '.join(missing[:3])}"
-                      f"{' ...' if len(missing) > 3 else ''} (python -m pipeline.predict --all-folds "
-                      f"--set experiment={run.name})")
-            continue
-        found.append(run.name)
-    return found
-
-
 def _read_probs(path: Path, classes: list[str], with_label: bool) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{path} does not exist; run python -m pipeline.predict for that fold")
@@ -355,14 +304,14 @@ def format_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _check_names(cfg: Config, names: list[str]) -> None:
-    if not names:
-        raise PipelineError(f"no experiment of competition {cfg.competition.slug!r} under {cfg.paths.runs}/ has "
-                            "OOF and test predictions for every fold; run python -m pipeline.run "
-                            "(or pipeline.train and pipeline.predict --all-folds) first")
-    if len(set(names)) != len(names):
-        raise PipelineError(f"--experiments lists a name twice: {names}")
-    for n in names:
+def _check_names(cfg: Config, members: Members) -> None:
+    if not members.names:
+        left = "".join(f"\n  {n}: {why}" for n, why in members.skipped.items())
+        raise PipelineError(f"no experiment of competition {cfg.competition.slug!r} under {cfg.paths.runs}/ can be "
+                            "blended: each needs OOF and test predictions for every fold of the current folds.csv; "
+                            "run python -m pipeline.run (or pipeline.train and pipeline.predict --all-folds) first"
+                            + (f". Left out:{left}" if left else ""))
+    for n in members.names:
         missing = missing_predictions(cfg, n)
         if missing:
             raise PipelineError(f"experiment {n!r} has no {', '.join(missing[:4])}; run python -m pipeline.predict "
@@ -441,7 +390,7 @@ def second_round_levers(cfg: Config, names: list[str]) -> dict[str, Any]:
     whether its pseudo-labels were fold-safe (from its folds' second_round.json): for the submission JSON."""
     out: dict[str, Any] = {}
     for n in names:
-        data = _experiment_config(paths.run_dir(cfg, n)) or {}
+        data = saved_config(cfg, n) or {}
         used: dict[str, Any] = {}
         for key, on in (("pseudo", "source"), ("distill", "teacher"), ("finetune", "source")):
             section = data.get(key) or {}
@@ -465,10 +414,11 @@ def second_round_levers(cfg: Config, names: list[str]) -> dict[str, Any]:
 
 
 def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, float], mixed: Blend, use_tta: bool,
-          table: pd.DataFrame, n_test: int, fingerprint: str) -> dict[str, Any]:
+          table: pd.DataFrame, n_test: int, fingerprint: str, skipped: dict[str, str]) -> dict[str, Any]:
     return {
         "competition": cfg.competition.slug,
         "experiments": [e.name for e in exps],
+        "skipped": dict(skipped),  # experiments left out of the blend, and why
         "folds": {e.name: e.folds for e in exps},
         "method": cfg.ensemble.method,
         "weights": weights,
@@ -509,8 +459,12 @@ def _log_blend(cfg: Config, path: Path, names: list[str], weights: dict[str, flo
 
 
 def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | None = None,
-                 quiet: bool = False) -> EnsembleResult:
-    """Blend ``experiments`` (default: ``ensemble.experiments`` or every complete one) and write a submission.
+                 quiet: bool = False, members: Members | None = None) -> EnsembleResult:
+    """Blend ``experiments`` (default: the current experiment plus ``ensemble.experiments``, or every
+    current one of the competition; see :func:`pipeline.experiments.choose_members`) and write a submission.
+
+    Experiments that cannot be blended (trained on another folds.csv, incomplete, not trained) are
+    skipped with one line each, unless named in ``experiments``, and recorded in the JSON.
 
     Steps: check the members and load their predictions; blend them (weights chosen on the OOF
     predictions, or a stacker); score the blend (the CV table); the submission frame from the
@@ -523,8 +477,11 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     from pipeline.submission import write_submission
 
     say = (lambda *a: None) if quiet else print
-    names = list(experiments or cfg.ensemble.experiments or discover_experiments(cfg, verbose=not quiet))
-    _check_names(cfg, names)
+    members = members or choose_members(cfg, explicit=experiments)
+    for skipped, why in members.skipped.items():
+        say(f"ensemble: skipping {skipped}: {why}")
+    _check_names(cfg, members)
+    names = list(members.names)
     fingerprint = inputs_fingerprint(cfg, names)
     exps, classes, y = load_members(cfg, names)
     use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
@@ -535,7 +492,7 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     table = cv_table(exps, classes, y, mixed, use_tta)
     sub = submission_frame(cfg, test_images, mixed.test, classes)
 
-    meta = _meta(cfg, exps, weights, mixed, use_tta, table, len(sub), fingerprint)
+    meta = _meta(cfg, exps, weights, mixed, use_tta, table, len(sub), fingerprint, members.skipped)
     solution_score = _score_against_solution(cfg, sub, meta)
     sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")
     path = write_submission(sub, paths.submissions_dir(cfg), sub_name, meta)
@@ -590,17 +547,18 @@ def _result_from_meta(path: Path, meta: dict[str, Any], names: list[str]) -> Ens
                           pd.DataFrame(rows), num(acc), num(ll), path, score, meta)
 
 
-def ensure_submission(cfg: Config, names: list[str], name: str | None = None,
+def ensure_submission(cfg: Config, members: Members, name: str | None = None,
                       quiet: bool = False) -> tuple[EnsembleResult, bool]:
-    """The up-to-date submission for ``names``: the newest matching one, else a new blend.
+    """The up-to-date submission for ``members``: the newest matching one, else a new blend.
 
     Returns:
         (result, made): ``made`` is False when an existing submission was up to date.
     """
-    found = latest_matching_submission(cfg, names)
+    _check_names(cfg, members)
+    found = latest_matching_submission(cfg, members.names)
     if found is not None:
         return found, False
-    return run_ensemble(cfg, names, name=name, quiet=quiet), True
+    return run_ensemble(cfg, name=name, quiet=quiet, members=members), True
 
 
 def main(argv: list[str] | None = None) -> EnsembleResult:
@@ -608,7 +566,8 @@ def main(argv: list[str] | None = None) -> EnsembleResult:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--experiments", nargs="+", metavar="NAME",
-                        help="experiments to blend (default: ensemble.experiments, else every complete one)")
+                        help="exactly these experiments (default: the current one plus ensemble.experiments, "
+                             "else every complete one of the competition on the current folds.csv)")
     parser.add_argument("--method", choices=["optimize", "caruana", "hill_climb", "stack", "fixed", "mean"],
                         help="how to choose the weights (default: ensemble.method)")
     parser.add_argument("--name", help="submission file name prefix (default: ensemble.name, the experiment or 'blend')")

@@ -142,6 +142,8 @@ def candidates(cfg: Config) -> list[str]:
     for run in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         if SET_ASIDE_MARK in run.name or not (run / paths.CONFIG).is_file():
             continue
+        if (run / paths.MEMBER_OF).is_file():
+            continue  # a seed member: blended through its experiment's average (pipeline/seeds.py)
         data = saved_config(cfg, run.name)
         if data is not None and competition_of(data) == cfg.competition.slug:
             found.append(run.name)

@@ -58,7 +58,8 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
     """Run every stage of ``cfg.experiment`` in order; see the module docstring."""
     from pipeline.data import load_competition
     from pipeline.engine.distributed import barrier, init_distributed
-    from pipeline.ensemble import discover_experiments, ensure_submission, format_table
+    from pipeline.ensemble import ensure_submission, format_table
+    from pipeline.experiments import announce_members, choose_members
     from pipeline.finetune import resolve_training_config
     from pipeline.folds import ensure_folds
     from pipeline.predict import predict_fold
@@ -85,6 +86,10 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
     ks = sorted(int(k) for k in folds["fold"].unique() if k >= 0)
     say(f"[1/4] data+folds  {comp.slug}: {len(comp.train)} train / {len(comp.test)} test images, "
         f"{len(folds)} in folds.csv, {len(ks)} folds ({_fmt_time(time.time() - t)})")
+
+    if dist.is_main:
+        # The blend's other members are checked now, not after hours of training.
+        announce_members(cfg, folds, say=say)
 
     t = time.time()
     trained, skipped = [], []
@@ -124,10 +129,11 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
         f"({_fmt_time(time.time() - t)})")
 
     t = time.time()
-    names = list(cfg.ensemble.experiments or discover_experiments(cfg, verbose=False))
-    if cfg.experiment not in names and not cfg.ensemble.experiments:
-        names.append(cfg.experiment)
-    result, made = ensure_submission(cfg, names, name=name, quiet=True)
+    blend_members = choose_members(cfg, folds=folds)
+    for left_out, why in blend_members.skipped.items():
+        say(f"        ensemble: skipping {left_out}: {why}")
+    names = blend_members.names
+    result, made = ensure_submission(cfg, blend_members, name=name, quiet=True)
     sub_path, weights, score, cv = result.submission, result.weights, result.solution_score, result.meta["cv"]
     if made:
         say(f"[4/4] ensemble    {len(names)} experiment(s), {cfg.ensemble.method} weights -> {sub_path} "

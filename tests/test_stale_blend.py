@@ -43,16 +43,22 @@ TINY = ("folds.k=2", "train.epochs=1", "train.img_size=16", "train.batch_size=8"
         "tta=[identity]", "competition.name=mine", "competition.build=null", "train.cache_images=false")
 
 
-def test_a_stale_experiment_is_skipped_with_one_line_and_the_current_one_submits(make_cfg, tmp_path, capsys):
+def test_stale_experiments_and_missing_members_are_skipped_with_one_line_each(make_cfg, tmp_path, capsys):
     from pipeline.run import run_all
 
     root = build_folder(tmp_path / "mine")
-    first = run_all(make_cfg("experiment=exp_a", *TINY, root=root))
+    # Point 6: a listed member that does not exist is named before training, and the current
+    # experiment is blended anyway (ensemble.experiments = the current one plus those listed).
+    first = run_all(make_cfg("experiment=exp_a", "ensemble.experiments=[teacher]", *TINY, root=root))
+    out = capsys.readouterr().out.splitlines()
+    announce = next(i for i, line in enumerate(out) if "teacher (in ensemble.experiments) will be left out" in line)
+    assert announce < next(i for i, line in enumerate(out) if "train fold 0" in line)
     assert first.submission is not None and first.submission.is_file()
+    first_meta = read_json(first.submission.with_suffix(".json"))
+    assert first_meta["experiments"] == ["exp_a"] and "not trained yet" in first_meta["skipped"]["teacher"]
     # A label fix: folds.csv is made again, and exp_a's OOF rows no longer match it.
     table = (root / "train.csv").read_text().replace("images/ant0.png,ant", "images/ant0.png,bee")
     (root / "train.csv").write_text(table)
-    capsys.readouterr()
 
     second = run_all(make_cfg("experiment=exp_b", *TINY, root=root))
     out = capsys.readouterr().out
