@@ -24,7 +24,7 @@ MAX_EXPERIMENTS = 12  # beyond this the per-experiment rows stop being readable;
 def _curve(ax, hist: pd.DataFrame, col: str, color, style: str, label: str | None = None) -> bool:
     if col not in hist.columns or hist[col].isna().all():
         return False
-    ax.plot(hist["epoch"] + 1, hist[col], style, color=color, lw=1.4, marker="o", ms=2.5, label=label)
+    ax.plot(hist["epoch"], hist[col], style, color=color, lw=1.4, marker="o", ms=2.5, label=label)
     return True
 
 

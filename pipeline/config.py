@@ -230,6 +230,9 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(0, ge=0)
     num_workers: int = Field(0, ge=0)
     cache_images: bool = True
+    # false: drop last.pt (optimizer state and both weight copies) once the fold is complete; best.pt
+    # stays. Saves most of a fold's disk, but --extend then has nothing to continue from.
+    keep_last: bool = True
     augment: AugmentConfig = AugmentConfig()
     swa: SwaConfig = SwaConfig()
 
@@ -554,6 +557,17 @@ def path_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys.extend(path_keys(ann, f"{prefix}{name}."))
     return keys
+
+
+def absolute_path_values(flat: dict[str, Any], base: str | Path | None = None) -> dict[str, Any]:
+    """A flattened config (``{"competition.root": ...}``) with relative values of path keys made
+    absolute against ``base`` (the working folder): a config saved before configs held absolute
+    paths then compares equal to today's."""
+    from pipeline.detect.config import DetectConfig
+
+    keys = set(path_keys(Config)) | set(path_keys(DetectConfig))
+    base = Path.cwd() if base is None else base
+    return {k: (_absolute(v, base) if k in keys and _is_relative_path(v) else v) for k, v in flat.items()}
 
 
 def resolve_paths(data: dict[str, Any], schema: type[BaseModel], base: str | Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ KEYS: dict[str, str] = {
     "train.num_workers": NO_RETRAIN,    # results do not depend on it (augmentation seeded per image)
     "train.cache_images": NO_RETRAIN,   # the same pixels, decoded once
     "train.compile": NO_RETRAIN,        # the same graph, compiled
+    "train.keep_last": NO_RETRAIN,      # whether last.pt is kept after the fold is complete
     # --- classification
     "dedup": RETRAIN,                   # which images are grouped, hence the folds
     "dedup.workers": NO_RETRAIN,
@@ -89,7 +90,9 @@ def retrain_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tupl
 
     A key no entry covers counts as RETRAIN: an unknown setting might change the result.
     """
-    a, b = flatten(saved), flatten(current)
+    from pipeline.config import absolute_path_values
+
+    a, b = absolute_path_values(flatten(saved)), absolute_path_values(flatten(current))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if classify(k) != NO_RETRAIN and a.get(k) != b.get(k)]
 

@@ -205,13 +205,14 @@ def _read_probs(path: Path, classes: list[str], with_label: bool) -> pd.DataFram
     return df
 
 
-def load_experiment(cfg: Config, name: str) -> ExperimentPredictions:
-    """Read all folds of one experiment: OOF (with and without TTA) and fold-averaged test probabilities."""
+def load_experiment(cfg: Config, name: str, folds: list[int] | None = None) -> ExperimentPredictions:
+    """Read all folds (or ``folds``) of one experiment: OOF (with and without TTA) and fold-averaged
+    test probabilities."""
     run = paths.run_dir(cfg, name)
     if not (run / paths.CLASSES).is_file():
         raise PipelineError(f"{run}/classes.json is missing; train experiment {name!r} first")
     classes = list(read_json(run / paths.CLASSES)["classes"])
-    folds = experiment_folds(cfg, name)
+    folds = folds or experiment_folds(cfg, name)
     oofs, oof_ttas, tests, tta = [], [], [], []
     for k in folds:
         d = paths.fold_dir(cfg, k, name)
@@ -312,16 +313,17 @@ def _check_names(cfg: Config, members: Members) -> None:
                             "run python -m pipeline.run (or pipeline.train and pipeline.predict --all-folds) first"
                             + (f". Left out:{left}" if left else ""))
     for n in members.names:
-        missing = missing_predictions(cfg, n)
+        missing = missing_predictions(cfg, n, members.folds.get(n))
         if missing:
             raise PipelineError(f"experiment {n!r} has no {', '.join(missing[:4])}; run python -m pipeline.predict "
                                 f"--all-folds --set experiment={n}")
 
 
-def load_members(cfg: Config, names: list[str]) -> tuple[list[ExperimentPredictions], list[str], np.ndarray]:
-    """Every member's predictions, their shared classes and the OOF targets; members must agree on
-    classes and OOF images (the same competition and folds)."""
-    exps = [load_experiment(cfg, n) for n in names]
+def load_members(cfg: Config, names: list[str], folds: dict[str, list[int]] | None = None
+                 ) -> tuple[list[ExperimentPredictions], list[str], np.ndarray]:
+    """Every member's predictions (of ``folds[name]`` where given), their shared classes and the OOF
+    targets; members must agree on classes and OOF images (the same competition and folds)."""
+    exps = [load_experiment(cfg, n, (folds or {}).get(n)) for n in names]
     classes = exps[0].classes
     for e in exps[1:]:
         if e.classes != classes:
@@ -483,7 +485,7 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     _check_names(cfg, members)
     names = list(members.names)
     fingerprint = inputs_fingerprint(cfg, names)
-    exps, classes, y = load_members(cfg, names)
+    exps, classes, y = load_members(cfg, names, members.folds)
     use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
     oof, oof_plain, test, test_images = member_arrays(exps, classes, use_tta)
     folds = oof_folds(cfg, exps[0].oof["image"]) if cfg.ensemble.method == "stack" else None
@@ -495,6 +497,9 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     meta = _meta(cfg, exps, weights, mixed, use_tta, table, len(sub), fingerprint, members.skipped)
     solution_score = _score_against_solution(cfg, sub, meta)
     sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")
+    if members.folds:  # run --partial: not every fold; the name and the JSON say so
+        sub_name += "_partial"
+        meta["partial_folds"] = members.folds
     path = write_submission(sub, paths.submissions_dir(cfg), sub_name, meta)
     b_acc, b_ll = accuracy(mixed.oof, y), log_loss(mixed.oof, y)
     _log_blend(cfg, path, names, weights, b_acc, b_ll, solution_score)

@@ -37,6 +37,7 @@ class Members:
 
     names: list[str]
     skipped: dict[str, str] = field(default_factory=dict)
+    folds: dict[str, list[int]] = field(default_factory=dict)  # a member's folds when not all (run --partial)
 
 
 def saved_config(cfg: Config, name: str) -> dict[str, Any] | None:
@@ -62,10 +63,11 @@ def experiment_folds(cfg: Config, name: str) -> list[int]:
     return list(range(int((data.get("folds") or {}).get("k", cfg.folds.k))))
 
 
-def missing_predictions(cfg: Config, name: str) -> list[str]:
-    """What experiment ``name`` lacks for blending (empty when every fold has OOF and test files)."""
+def missing_predictions(cfg: Config, name: str, folds: list[int] | None = None) -> list[str]:
+    """What experiment ``name`` lacks for blending (empty when every fold, or each of ``folds``, has
+    OOF and test files)."""
     missing = []
-    for k in experiment_folds(cfg, name):
+    for k in folds or experiment_folds(cfg, name):
         d = paths.fold_dir(cfg, k, name)
         missing += [f"{paths.fold_name(k)}/{f}" for f in (paths.OOF, paths.TEST) if not (d / f).is_file()]
     return missing

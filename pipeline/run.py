@@ -46,20 +46,37 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _train_fold(cfg: Config, fold: int) -> None:
+def _train_fold(cfg: Config, fold: int, force: bool = False) -> None:
     try:
         from pipeline.train import train_fold
     except ImportError as exc:
         raise PipelineError(f"the train stage is not available ({exc}); install the full package") from None
-    train_fold(cfg, fold)
+    train_fold(cfg, fold, force=force)
 
 
-def run_all(cfg: Config, name: str | None = None) -> RunSummary:
-    """Run every stage of ``cfg.experiment`` in order; see the module docstring."""
+def _chosen_folds(all_folds: list[int], only: list[int] | None) -> list[int]:
+    if not only:
+        return all_folds
+    bad = [k for k in only if k not in all_folds]
+    if bad:
+        raise PipelineError(f"--folds {bad[0]}: folds.csv has folds {all_folds}; choose among them (folds.k sets how many)")
+    return sorted(set(only))
+
+
+def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None = None, partial: bool = False,
+            force: bool = False) -> RunSummary:
+    """Run every stage of ``cfg.experiment`` in order; see the module docstring.
+
+    Args:
+        only_folds: train and predict these folds alone (a quick look); no submission then unless
+            every fold is complete or ``partial`` (a submission from these folds, named ``*_partial``).
+        force: replace an experiment of this name trained with other settings instead of keeping it
+            as ``runs/<experiment>@<time>/``.
+    """
     from pipeline.data import load_competition
     from pipeline.engine.distributed import barrier, init_distributed
     from pipeline.ensemble import ensure_submission, format_table
-    from pipeline.experiments import announce_members, choose_members
+    from pipeline.experiments import Members, announce_members, choose_members
     from pipeline.finetune import resolve_training_config
     from pipeline.folds import ensure_folds
     from pipeline.predict import predict_fold
@@ -83,9 +100,11 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
     if not dist.is_main:
         comp = load_competition(cfg.competition, build=False)
         folds = ensure_folds(cfg)
-    ks = sorted(int(k) for k in folds["fold"].unique() if k >= 0)
+    all_ks = sorted(int(k) for k in folds["fold"].unique() if k >= 0)
+    ks = _chosen_folds(all_ks, only_folds)
     say(f"[1/4] data+folds  {comp.slug}: {len(comp.train)} train / {len(comp.test)} test images, "
-        f"{len(folds)} in folds.csv, {len(ks)} folds ({_fmt_time(time.time() - t)})")
+        f"{len(folds)} in folds.csv, {len(all_ks)} folds{f' (this run: {ks})' if ks != all_ks else ''} "
+        f"({_fmt_time(time.time() - t)})")
 
     if dist.is_main:
         # The blend's other members are checked now, not after hours of training.
@@ -103,7 +122,7 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
                 continue
             say(f"        train fold {k}{f' of {run.experiment}' if members else ''}: {reason}; training "
                 f"{cfg.model.backbone} for {cfg.train.epochs} epochs")
-            _train_fold(run, k)
+            _train_fold(run, k, force=force)
             trained.append(k)
         accs = []
         for k in ks:
@@ -129,7 +148,20 @@ def run_all(cfg: Config, name: str | None = None) -> RunSummary:
         f"({_fmt_time(time.time() - t)})")
 
     t = time.time()
-    blend_members = choose_members(cfg, folds=folds)
+    missing = [k for k in all_ks if k not in ks and not fold_is_current(cfg, k, folds)[0]] if only_folds else []
+    if missing and not partial:
+        say(f"[4/4] ensemble    skipped: fold(s) {missing} of {cfg.experiment} are not trained; no submission "
+            "until every fold is (run without --folds), or add --partial for one from these folds")
+        for k in ks:
+            say(f"  fold {k}: val acc {infos[k].get('oof_acc', float('nan')):.4f}, TTA {infos[k]['oof_acc_tta']:.4f}")
+        barrier(dist)
+        return RunSummary(cfg.experiment, {}, None, None, {}, trained, skipped, time.time() - start)
+    if missing:
+        done = [k for k in all_ks if k not in missing]
+        blend_members = Members([cfg.experiment], {}, {cfg.experiment: done})
+        say(f"        ensemble: --partial: {cfg.experiment} alone, from fold(s) {done} of {all_ks}")
+    else:
+        blend_members = choose_members(cfg, folds=folds)
     for left_out, why in blend_members.skipped.items():
         say(f"        ensemble: skipping {left_out}: {why}")
     names = blend_members.names
@@ -163,10 +195,18 @@ def main(argv: list[str] | None = None) -> RunSummary:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--name", help="submission file name prefix (default: ensemble.name, the experiment or 'blend')")
+    parser.add_argument("--folds", type=int, nargs="+", metavar="K",
+                        help="train and predict only these folds, for a quick look (no submission unless every fold "
+                             "is complete or --partial)")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --folds: write a submission from the complete folds alone (named *_partial)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an experiment of this name trained with other settings (default: it is kept "
+                             "as runs/<experiment>@<time>/)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     try:
-        return run_all(cfg, name=args.name)
+        return run_all(cfg, name=args.name, only_folds=args.folds, partial=args.partial, force=args.force)
     finally:
         from pipeline.engine.distributed import DistInfo, cleanup
 

@@ -12,6 +12,7 @@ Outputs in ``runs/<experiment>/``: ``config.yaml``, ``classes.json`` and ``fold<
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 from pathlib import Path
@@ -281,14 +282,58 @@ def _fold_data(cfg: Config, fold: int, info: DistInfo):
     return folds, list(comp.classes), comp.root
 
 
+def _no_last_pt(cfg: Config, fold: int, option: str) -> PipelineError:
+    last_path = paths.fold_dir(cfg, fold) / paths.LAST
+    metrics = paths.fold_dir(cfg, fold) / paths.METRICS
+    if metrics.is_file() and read_json(metrics).get("complete"):
+        return PipelineError(f"{option}: fold {fold} is complete and its {last_path} was dropped (train.keep_last: "
+                             "false); train it again with more epochs (--set train.epochs=N) instead")
+    return PipelineError(f"{option}: {last_path} does not exist; train fold {fold} without {option} first")
+
+
 def _resume_checkpoint(cfg: Config, fold: int) -> dict[str, Any]:
     """last.pt of the fold, loaded to the CPU, after checking it was made with the same RETRAIN keys."""
     last_path = paths.fold_dir(cfg, fold) / paths.LAST
     if not last_path.is_file():
-        raise PipelineError(f"--resume: {last_path} does not exist; train fold {fold} without --resume first")
+        raise _no_last_pt(cfg, fold, "--resume")
     ckpt = load_checkpoint(last_path, map_location="cpu")
     check_resume_config(ckpt["config"], cfg.to_dict(), last_path)
     return ckpt
+
+
+def _extend_checkpoint(cfg: Config, fold: int, extra: int) -> dict[str, Any]:
+    """last.pt of a finished fold, ready to run ``extra`` more epochs: ``cfg.train.epochs`` becomes the
+    new total, the schedule is made again for it (not restored), and early stopping starts afresh."""
+    last_path = paths.fold_dir(cfg, fold) / paths.LAST
+    if not last_path.is_file():
+        raise _no_last_pt(cfg, fold, "--extend")
+    ckpt = load_checkpoint(last_path, map_location="cpu")
+    if not ckpt.get("finished"):
+        raise PipelineError(f"--extend: fold {fold} did not finish ({last_path} is from epoch {int(ckpt['epoch']) + 1}); "
+                            "continue it with --resume first")
+    done = int(ckpt["epoch"]) + 1
+    saved = copy.deepcopy(ckpt["config"])
+    saved.setdefault("train", {})["epochs"] = done + extra
+    cfg.train.epochs = done + extra
+    check_resume_config(saved, cfg.to_dict(), last_path)
+    return {**ckpt, "config": saved, "scheduler": None, "finished": False, "stop_reason": "", "bad_epochs": 0}
+
+
+def set_aside_changed_experiment(cfg: Config) -> Path | None:
+    """Move ``runs/<experiment>/`` aside (:func:`pipeline.experiments.set_aside`) when a fold of it is
+    complete and its saved training settings (RETRAIN keys) differ from ``cfg``: a new model under an
+    old name must not delete what was trained. Returns the new place, or None when nothing moved."""
+    from pipeline.experiments import saved_config, set_aside
+
+    saved = saved_config(cfg, cfg.experiment)
+    changes = retrain_changes(saved, cfg.to_dict()) if saved else []
+    run = paths.run_dir(cfg)
+    complete = [d for d in run.glob("fold*") if (d / paths.METRICS).is_file()
+                and read_json(d / paths.METRICS).get("complete")] if changes else []
+    if not complete:
+        return None
+    return set_aside(cfg, f"{len(complete)} complete fold(s) made with other training settings: "
+                          f"{describe_changes(changes, limit=3)}")
 
 
 def _start_outputs(cfg: Config, fold: int, classes: list[str], fresh: bool, info: DistInfo) -> None:
@@ -333,15 +378,20 @@ def _evaluator(cfg: Config, eval_model, ema, val_loader, n_val: int, val_shard: 
 def _describe(fold: int, epochs: int):
     def describe(row: dict[str, float], improved: bool) -> str:
         ema = f" ema_val_acc {row['ema_val_acc']:.4f}" if not np.isnan(row["ema_val_acc"]) else ""
-        return (f"fold {fold} epoch {int(row['epoch']) + 1}/{epochs}: train_loss {row['train_loss']:.4f} "
+        return (f"fold {fold} epoch {int(row['epoch'])}/{epochs}: train_loss {row['train_loss']:.4f} "
                 f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{ema} lr {row['lr']:.2e} "
                 f"{row['images_per_s']:.0f} img/s {row['epoch_time_s']:.1f}s{' *' if improved else ''}")
 
     return describe
 
 
-def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
+def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False, extend: int = 0) -> dict[str, Any]:
     """Train fold ``fold`` and write its outputs; returns the fold's metrics (metrics.json).
+
+    A fresh start under the name of an experiment trained with other settings first moves that
+    experiment to ``runs/<experiment>@<time>/`` (``force``: replace it instead). ``extend`` runs that
+    many more epochs on a finished fold from its last.pt, with the schedule stretched to the new
+    total (``cfg.train.epochs`` becomes that total).
 
     Steps: folds and classes; the checkpoint to resume (if any); model, loaders, optimizer,
     schedule, AMP scaler and loss; the engine's epoch loop (:func:`pipeline.engine.fit.fit`); then
@@ -354,7 +404,12 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
     cfg = resolve_training_config(cfg, quiet=not info.is_main)
     t = cfg.train
     folds, classes, root = _fold_data(cfg, fold, info)
-    ckpt = _resume_checkpoint(cfg, fold) if resume else None
+    if resume and extend:
+        raise PipelineError("--resume and --extend do not go together: --resume finishes an interrupted fold, "
+                            "--extend adds epochs to a finished one")
+    ckpt = _extend_checkpoint(cfg, fold, extend) if extend else _resume_checkpoint(cfg, fold) if resume else None
+    if ckpt is None and info.is_main and not force:
+        set_aside_changed_experiment(cfg)
     if ckpt is not None and ckpt.get("finished"):
         if info.is_main:
             print(f"train: fold {fold} of {cfg.experiment} is already complete; writing its outputs again")
@@ -391,7 +446,12 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
     swa = _swa(cfg, fold, bare, optimizer, resumed=ckpt is not None)
     seed_everything(cfg.seed + info.rank)  # data order, Mixup and dropout differ between ranks
     state = restore(parts, ckpt, info) if ckpt is not None else FitState()
-    if ckpt is not None and info.is_main:
+    if ckpt is not None and info.is_main and extend:
+        print(f"train: --extend: fold {fold} of {cfg.experiment} continues from epoch {state.epoch} to {t.epochs} "
+              f"from last.pt. The cosine schedule is stretched to {t.epochs} epochs from here on, so the learning "
+              "rate rises again from where the finished run left it; a fresh run of "
+              f"{t.epochs} epochs would have decayed slowly from the start and ends elsewhere.")
+    elif ckpt is not None and info.is_main:
         print(f"train: resuming fold {fold} of {cfg.experiment} after epoch {state.epoch}")
 
     _start_outputs(cfg, fold, classes, fresh=ckpt is None, info=info)
@@ -440,6 +500,12 @@ def train_fold(cfg: Config, fold: int, resume: bool = False) -> dict[str, Any]:
             metrics = _finish_fold(cfg, fold, load_checkpoint(spec.out_dir / paths.LAST), folds, classes,
                                    n_train=len(train_rows), swa=final_swa)
             wandb_run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
+            if not t.keep_last:
+                (spec.out_dir / paths.LAST).unlink(missing_ok=True)
+                print(f"train: dropped {spec.out_dir / paths.LAST} (train.keep_last: false); best.pt stays")
+            if extend:
+                print(f"train: fold {fold} now has {t.epochs} epochs; set train.epochs: {t.epochs} in the config "
+                      "(and extend the other folds the same way) so that pipeline.run counts them as current")
         ok = True
         return metrics
     except NonFiniteLossError as exc:
@@ -515,7 +581,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
     p_true = np.clip(probs[np.arange(len(targets)), targets], 1e-15, 1.0)
     metrics = {
         "experiment": cfg.experiment, "fold": fold, "backbone": cfg.model.backbone, "img_size": cfg.train.img_size,
-        "epochs_run": len(history), "best_epoch": int(ckpt["best_epoch"]),
+        "epochs_run": len(history), "best_epoch": int(ckpt["best_epoch"]) + 1,  # counted from 1, as history.csv
         "val_acc": float((probs.argmax(1) == targets).mean()),
         "val_loss": float(-np.log(p_true).mean()),
         "used_ema": used_ema,
@@ -535,7 +601,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
                         "best_epoch_used_ema": bool(ckpt["used_ema"])})
     atomic_write_json(fold_dir / paths.METRICS, metrics)
     which = " (SWA weights)" if swa is not None else " (EMA weights)" if used_ema else ""
-    print(f"train: fold {fold} done: best epoch {metrics['best_epoch'] + 1}, val_acc {metrics['val_acc']:.4f}, "
+    print(f"train: fold {fold} done: best epoch {metrics['best_epoch']}, val_acc {metrics['val_acc']:.4f}, "
           f"val_loss {metrics['val_loss']:.4f}{which}; outputs in {fold_dir}")
     return metrics
 
@@ -549,11 +615,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--fold", type=int, default=0, help="the fold to validate on (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from runs/<experiment>/fold<K>/last.pt")
+    parser.add_argument("--extend", type=int, default=0, metavar="EPOCHS",
+                        help="run EPOCHS more epochs on a finished fold from its last.pt, the schedule stretched to "
+                             "the new total (not the same as a fresh run of that many epochs)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an experiment of this name trained with other settings (default: it is kept "
+                             "as runs/<experiment>@<time>/)")
     add_config_args(parser)
     args = parser.parse_args(argv)
+    if args.extend < 0:
+        parser.error("--extend takes a positive number of epochs")
     cfg = config_from_args(args)
     try:
-        return train_fold(cfg, args.fold, resume=args.resume)
+        return train_fold(cfg, args.fold, resume=args.resume, force=args.force, extend=args.extend)
     finally:
         cleanup(DistInfo(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
 

@@ -45,7 +45,7 @@ def write_fake_run(cfg, folds_done: int | None = None, *, rng_seed: int = 0, qua
         ep = np.arange(n_ep)
         noise = rng.normal(0, 0.03, (3, n_ep))
         hist = pd.DataFrame({
-            "epoch": ep, "train_loss": 2.3 * np.exp(-ep / 3) + 0.1 + noise[0],
+            "epoch": ep + 1, "train_loss": 2.3 * np.exp(-ep / 3) + 0.1 + noise[0],
             "val_loss": 2.2 * np.exp(-ep / 3) + 0.2 + noise[1],
             "val_acc": quality * (1 - np.exp(-(ep + 1) / 2)) + noise[2], "ema_val_loss": np.nan, "ema_val_acc": np.nan,
             "lr": 1e-3 * np.cos(ep / max(1, n_ep) * np.pi / 2), "images_per_s": 500.0 + 10 * fold,
@@ -64,7 +64,7 @@ def write_fake_run(cfg, folds_done: int | None = None, *, rng_seed: int = 0, qua
         atomic_write_csv(d / "oof.csv", oof)
         acc = float((probs.argmax(1) == labels).mean())
         metrics = {"experiment": cfg.experiment, "fold": fold, "backbone": cfg.model.backbone,
-                   "img_size": cfg.train.img_size, "epochs_run": n_ep, "best_epoch": n_ep - 1,
+                   "img_size": cfg.train.img_size, "epochs_run": n_ep, "best_epoch": n_ep,
                    "val_acc": acc, "val_loss": float(hist["val_loss"].iloc[-1]), "used_ema": False,
                    "n_train": images_per_fold * (k - 1), "n_val": images_per_fold,
                    "train_time_s": 10.0 + fold, "images_per_s": 500.0 + 10 * fold, "complete": True}

@@ -111,8 +111,13 @@ def test_fold_outputs_wandb_and_resume_equals_uninterrupted(cfg_for, monkeypatch
     assert set(best) >= {"model", "ema", "config", "classes", "epoch", "best_metric"}
     assert set(last) >= {"optimizer", "scheduler", "scaler", "rng", "history"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in best["model"])
-    assert any(not torch.equal(best["model"][k], best["ema"][k]) for k in best["model"]
-               if best["model"][k].is_floating_point())
+    # best.pt is weights only: the validated copy (the EMA's here), no second copy, no optimizer.
+    assert best["ema"] is None and best["weights"] == "ema" and "optimizer" not in best
+    assert any(not torch.equal(last["model"][k], last["ema"][k]) for k in last["model"]
+               if last["model"][k].is_floating_point())
+    if metrics["best_epoch"] == 2:  # the last epoch was the best: best.pt holds its EMA weights
+        assert all(torch.equal(best["model"][k], last["ema"][k]) for k in best["model"])
+    assert history["epoch"].tolist() == [1, 2]  # counted from 1, as on the console
     assert last["epoch"] == 1 and best["classes"] == classes
 
     # W&B: the offline run folder under runs/<experiment>/wandb/ holds the config and the summary.
@@ -193,7 +198,7 @@ def test_early_stopping_stops_when_the_metric_stalls_and_wandb_absent(cfg_for, m
     monkeypatch.setattr(train_mod, "validate", stalled)
     monkeypatch.setitem(sys.modules, "wandb", None)  # wandb.mode=disabled needs no wandb at all
     metrics = train_fold(cfg_for("train.epochs=5", "train.early_stopping_patience=1"), fold=2)
-    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] == 1
 
 
 def test_user_errors_are_one_clear_message(cfg_for, capsys):

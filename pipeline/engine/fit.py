@@ -142,7 +142,12 @@ def _save(parts: Parts, state: FitState, spec: FitSpec, info: DistInfo, epoch: i
                "ema": _cpu(parts.ema.module.state_dict()) if parts.ema is not None else None,
                **spec.meta, "epoch": epoch, "used_ema": parts.ema is not None}
     if improved:
-        save_checkpoint(spec.out_dir / paths.BEST, {**weights, "best_metric": state.best_metric})
+        # best.pt is weights only, and only the weights that were validated (the EMA's when EMA is
+        # on, as the tracks judge it): the optimizer and the other copy live in last.pt alone.
+        judged = weights["ema"] if weights["ema"] is not None else weights["model"]
+        save_checkpoint(spec.out_dir / paths.BEST, {**weights, "model": judged, "ema": None,
+                                                    "weights": "ema" if weights["ema"] is not None else "model",
+                                                    "best_metric": state.best_metric})
     save_checkpoint(spec.out_dir / paths.LAST, {
         **weights, **state.to_checkpoint(),
         "optimizer": parts.optimizer.state_dict(),
@@ -184,7 +189,8 @@ def fit(parts: Parts, state: FitState, spec: FitSpec, info: DistInfo, *,
             state.bad_epochs += 1
         epoch_time = time.perf_counter() - t0
         state.train_time_s += epoch_time
-        row = {"epoch": epoch, "train_loss": stats.loss,
+        # Epochs count from 1 in history.csv, metrics.json and on the console alike.
+        row = {"epoch": epoch + 1, "train_loss": stats.loss,
                **{k: v for k, v in stats.losses.items() if k != "loss"},
                **(val.row if val is not None else {}),
                "lr": stats.lr, "images_per_s": stats.images_per_s, "epoch_time_s": epoch_time}
