@@ -243,7 +243,9 @@ def test_ddp_two_processes_gloo_every_oof_row_once(cfg_for, tmp_path):
     assert sorted(oof["image"]) == sorted(expected) and oof["image"].is_unique
     for name in ["best.pt", "last.pt"]:
         state = torch.load(fold / name, weights_only=True)
-        assert not any(k.startswith("module.") for k in state["model"]) and state["ema"] is not None
+        # best.pt holds the validated (EMA) weights as "model"; last.pt both copies
+        assert not any(k.startswith("module.") for k in state["model"])
+        assert (state["ema"] is not None) == (name == "last.pt")
     last = torch.load(fold / "last.pt", weights_only=True)
     assert last["world_size"] == 2 and len(last["rng_ranks"]) == 2
 
