@@ -127,6 +127,9 @@ def load_fold_model(cfg: Config, fold: int, device: torch.device) -> tuple[torch
     metrics = read_json(d / paths.METRICS) if (d / paths.METRICS).is_file() else {}
     # EMA weights only when training judged them better (metrics.used_ema), so OOF and TTA OOF match.
     use_ema = cfg.predict.use_ema and ckpt.get("ema") is not None and bool(metrics.get("used_ema", True))
+    if not cfg.predict.use_ema and ckpt.get("weights") == "ema":
+        print(f"predict: {best} holds only the EMA weights that training validated (best.pt is weights only); "
+              "predict.use_ema: false has no other weights to use there")
     state = ckpt["ema"] if use_ema else ckpt["model"]
     model = load_classifier(train_cfg.model, len(classes), state, str(best))
     model.to(device).eval()
