@@ -107,7 +107,8 @@ def test_second_experiment_is_blended(first_run, small_root):
     assert set(third.weights) == {cfg.experiment, "tiny_resnet10t"}
     assert sum(third.weights.values()) == pytest.approx(1.0)
     ll = {k: v["logloss_tta"] for k, v in third.cv.items()}
-    assert ll["blend"] <= min(ll[cfg.experiment], ll["tiny_resnet10t"]) + 1e-9
+    # 1e-6: the blend renormalises rows that the CSV's rounded probabilities left a hair off 1
+    assert ll["blend"] <= min(ll[cfg.experiment], ll["tiny_resnet10t"]) + 1e-6
     assert third.submission != first.submission
 
 
