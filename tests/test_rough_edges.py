@@ -221,8 +221,14 @@ def test_progress_bars_only_on_a_terminal_and_not_with_quiet(monkeypatch):
     progress.set_quiet(True)
     try:
         assert run() == ""
+        out = io.StringIO()
+        monkeypatch.setattr("sys.stdout", out)
+        progress.line("fold 0 epoch 1/1: ...")  # --quiet: no per-epoch line either
+        assert out.getvalue() == ""
     finally:
         progress.set_quiet(False)
+    progress.line("fold 0 epoch 1/1: ...")
+    assert out.getvalue() == "fold 0 epoch 1/1: ...\n"  # off a terminal: one plain line per epoch
 
 
 # ----------------------------------------------------------------------------- point 2: compare
