@@ -170,7 +170,10 @@ def _subsample_train(out: Path, private: Path, fraction: float, seed: int) -> No
     """Keep a stratified ``fraction`` of train.csv (every planted image stays), recorded in planted.json."""
     train = pd.read_csv(out / "train.csv", dtype=str, keep_default_na=False)
     planted = read_json(private / "planted.json")
-    keep_always = {v for v in _strings(planted) if v in set(train["image"])}
+    # The planted duplicates, conflicts and overlaps stay (dedup has them to find); flipped labels are
+    # subsampled like every other row, so the noise fraction stays what --label-noise asked for.
+    planted_groups = {k: v for k, v in planted.items() if k != "label_noise"}
+    keep_always = {v for v in _strings(planted_groups) if v in set(train["image"])}
     rng = np.random.default_rng([seed, 2])
     keep = set(keep_always)
     for _, group in train[~train["image"].isin(keep_always)].groupby("label"):
