@@ -12,6 +12,15 @@ these), then prints pairwise precision, recall and seconds of:
 and the time of our candidate search over 100,000 random 64-bit hashes.
 
     python benchmarks/dedup.py [--out /tmp/dedup_bench] [--copies 200] [--seed 0] [--hashes 100000]
+
+At scale (``benchmarks/make_large_comp.py`` sets with 1% planted near duplicates: resized,
+cropped by up to 5% a side, re-encoded at quality 70-95), each in a child process so that its
+peak RAM is its own: the whole stage's time per step, peak RAM and how many planted pairs it
+grouped; and the candidate search alone, FAISS's binary index against our numpy search:
+
+    python benchmarks/dedup.py --scale 20000 100000 [--px 224] [--workers 2]
+    python benchmarks/dedup.py --scale 20000 --replicate 5   # 100k: 20k decoded, the later steps on 5x
+    python benchmarks/dedup.py --search 100000 1000000
 """
 from __future__ import annotations
 
@@ -166,12 +175,127 @@ def imagededup_phash(folder: Path, distance: int, encodings: dict | None = None)
     return {frozenset((a, b)) for a, bs in dups.items() for b in bs}, encodings
 
 
-def search_time(n: int, max_distance: int, workers: int) -> tuple[float, int]:
-    h = np.random.default_rng(0).integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + \
+def random_hashes(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 2**63, size=n, dtype=np.int64).astype(np.uint64) * np.uint64(2) + \
         np.random.default_rng(1).integers(0, 2, size=n).astype(np.uint64)
+
+
+def search_time(n: int, max_distance: int, workers: int) -> tuple[float, int]:
+    h = random_hashes(n)
     start = time.perf_counter()
     pairs, _ = hamming_pairs(h, max_distance, workers=workers)
     return time.perf_counter() - start, len(pairs)
+
+
+# ------------------------------------------------------------------------------------ at scale
+def replicate(fp, table: pd.DataFrame, k: int):
+    """``k`` times the images, as fingerprints: copy c turns every thumbnail by a quarter turn (and
+    from the fifth copy on shifts it by half its side) and XORs every
+    pHash with one random mask (distances within a copy kept, across copies random). Planted
+    duplicates stay duplicates inside each copy. For timing the steps after decoding at sizes that
+    cannot be generated in time; decoding scales linearly."""
+    from pipeline.dedup_hash import Fingerprints
+
+    n, v, d = fp.thumb.shape
+    side = int(round(d ** 0.5))
+    grid = fp.thumb.reshape(n, v, side, side)
+    def op(g: np.ndarray, c: int) -> np.ndarray:
+        # quarter turns (no two related by the horizontal flip the stage already matches), then
+        # half-side cyclic shifts for more copies
+        g = np.rot90(g, c % 4, (2, 3))
+        return np.roll(g, (side // 2, side // 2), (2, 3)) if (c // 4) % 2 else g
+
+    masks = np.random.default_rng(7).integers(0, 2**63, k, dtype=np.int64).astype(np.uint64)
+    masks[0] = 0
+    out = Fingerprints(
+        pixel_hash=[f"{h}#{c}" for c in range(k) for h in fp.pixel_hash],
+        phash=np.concatenate([fp.phash ^ masks[c] for c in range(k)]),
+        thumb=np.ascontiguousarray(np.concatenate([op(grid, c).reshape(n, v, d) for c in range(k)])),
+        level=np.tile(fp.level, (k, 1)), shape=np.tile(fp.shape, (k, 1)), errors=list(fp.errors) * k)
+    tables = [table.assign(image=[f"{i}#{c}" if c else i for i in table["image"]]) for c in range(k)]
+    return out, pd.concat(tables, ignore_index=True)
+
+
+def stage_at_scale(root: Path, workers: int, copies: int = 1) -> dict:
+    """The whole dedup stage (decode, hash, search, verify, groups) on a generated competition, with
+    the recall of its planted near duplicates. Run in a child process so its peak RAM is its own.
+    With ``copies`` > 1, the steps after decoding run on that many times the images (:func:`replicate`)."""
+    import json
+    import resource
+
+    from pipeline.config import CompetitionConfig
+    from pipeline.data.competition import load_competition
+    from pipeline.dedup_hash import alignment_crops, fingerprint_images
+
+    comp = load_competition(CompetitionConfig(root=str(root), name=root.name, build=None, solution=None))
+    table = comp.all_images()
+    cfg = DedupConfig(workers=workers)
+    planted = json.loads((root.parent / f"{root.name}_private" / "planted.json").read_text())["near_duplicates"]
+    pairs = [p["images"] for p in planted]
+    start = time.perf_counter()
+    fp = fingerprint_images(table["path"].tolist(), cfg.thumb_size, workers=workers, progress=False,
+                            crops=alignment_crops(cfg.align_crops, cfg.align_side), mirror=cfg.mirror)
+    decode = time.perf_counter() - start
+    if copies > 1:
+        fp, table = replicate(fp, table, copies)
+        pairs = [[f"{a}#{c}" if c else a, f"{b}#{c}" if c else b] for c in range(copies) for a, b in pairs]
+    start = time.perf_counter()
+    out, report = find_duplicates(table, cfg, progress=False, fingerprints=fp)
+    took = time.perf_counter() - start
+    group = dict(zip(out["image"], out["group"]))
+    found = sum(group[a] == group[b] for a, b in pairs)
+    timing = {**report["timing_s"], "hash": round(decode, 1)}
+    return {"images": len(table), "seconds": round(decode + took, 1), "timing_s": timing, "copies": copies,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "planted_pairs": len(pairs), "planted_found": found,
+            "groups": report["counts"]["groups"], "images_in_groups": report["counts"]["images_in_groups"],
+            "candidate_pairs": report["counts"]["candidate_pairs"]}
+
+
+def at_scale(sizes: list[int], data: Path, px: int, workers: int, copies: int = 1) -> None:
+    import json
+    import os
+    import subprocess
+
+    from benchmarks.make_large_comp import build
+
+    for n in sizes:
+        start = time.perf_counter()
+        root = build(data / f"dedup_{n}_{px}", n, px, classes=50, duplicates=0.01, aspect="mixed")
+        made = time.perf_counter() - start
+        load = os.getloadavg()
+        res = subprocess.run([sys.executable, __file__, "--stage", str(root), "--workers", str(workers),
+                              "--replicate", str(copies)], capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        t = r["timing_s"]
+        how = f" ({n:,} decoded, then {copies} turned copies of their fingerprints)" if copies > 1 else ""
+        print(f"{r['images']:,} images of {px} px{how} ({made:.0f}s to generate): whole stage {r['seconds']:.0f}s "
+              f"(decode+hash {t['hash']:.0f}s, search {t['search']:.0f}s, verify {t['verify']:.0f}s), "
+              f"peak RAM {r['peak_rss_mb']:,} MB; planted near duplicates found {r['planted_found']}/"
+              f"{r['planted_pairs']}; {r['groups']} groups, {r['candidate_pairs']:,} candidate pairs; "
+              f"load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
+
+
+def search_compare(sizes: list[int], max_distance: int, workers: int) -> None:
+    """The candidate search at each size: FAISS's binary index against our numpy search."""
+    import os
+
+    from pipeline.dedup_hash import faiss_available
+
+    for n in sizes:
+        h = random_hashes(n)
+        row = []
+        for backend in ("faiss", "numpy"):
+            if backend == "faiss" and not faiss_available():
+                continue
+            if backend == "numpy" and n > 200_000:
+                row.append("numpy: skipped (quadratic: about (n / 100k)^2 x its 100k time)")
+                continue
+            start = time.perf_counter()
+            pairs, _ = hamming_pairs(h, max_distance, workers=workers, backend=backend)
+            row.append(f"{backend} {time.perf_counter() - start:.1f}s ({len(pairs)} pairs)")
+        print(f"candidate search, {n:,} random hashes, distance <= {max_distance}, {workers} thread(s): "
+              f"{'; '.join(row)}; load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,7 +306,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hashes", type=int, default=100_000, help="random hashes for the search timing (0: skip)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dedup config key, e.g. --set min_correlation=0.95")
+    parser.add_argument("--scale", type=int, nargs="+", default=None, metavar="N",
+                        help="instead: the whole stage on N generated photos each (e.g. 20000 100000)")
+    parser.add_argument("--search", type=int, nargs="+", default=None, metavar="N",
+                        help="instead: the candidate search over N random hashes, FAISS vs numpy (e.g. 100000 1000000)")
+    parser.add_argument("--px", type=int, default=224, help="--scale: long side of the generated photos")
+    parser.add_argument("--data", default="data/bench", help="--scale: where the generated sets are kept")
+    parser.add_argument("--workers", type=int, default=2, help="--scale/--search: threads")
+    parser.add_argument("--replicate", dest="replicas", type=int, default=1,
+                        help="--scale: run the steps after decoding on this many turned copies of the fingerprints")
+    parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # the child process of --scale
     args = parser.parse_args(argv)
+    if args.stage:
+        import json
+
+        print(json.dumps(stage_at_scale(Path(args.stage), args.workers, args.replicas)))
+        return
+    if args.search:
+        search_compare(args.search, DedupConfig().phash_max_distance, args.workers)
+        return
+    if args.scale:
+        at_scale(args.scale, Path(args.data), args.px, args.workers, args.replicas)
+        return
     cfg = DedupConfig(**{k: float(v) if "." in v else int(v) for k, v in (o.split("=", 1) for o in args.overrides)})
 
     out = Path(args.out)

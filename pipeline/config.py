@@ -244,6 +244,26 @@ class TrainConfig(Section):
         return v
 
 
+class CacheConfig(Section):
+    """The resized-image cache (``python -m pipeline.prepare``): off while ``size`` is null."""
+
+    # Short side in pixels after resizing (aspect kept; never enlarged). auto: 1.15 x train.img_size
+    # (and at least what the eval resize needs), so random crops still have pixels to spare.
+    size: int | Literal["auto"] | None = None
+    # jpeg: quality-`jpeg_quality` files (small, a decode per read); png: lossless files;
+    # memmap: one uint8 array with per-image offsets and shapes (no decode at all, the most disk).
+    format: Literal["jpeg", "png", "memmap"] = "jpeg"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    workers: int = Field(0, ge=0)  # threads that build it; 0: one per CPU core
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_sane(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and v < 8:
+            raise ValueError("must be at least 8 pixels, 'auto' or null (no cache)")
+        return v
+
+
 TtaName = Literal[
     "identity", "hflip", "vflip", "transpose", "rot90", "rot180", "rot270", "transverse",
     "d4", "five_crop", "ten_crop", "scale_0.875", "scale_1.125", "scale_1.25",
@@ -390,6 +410,7 @@ class Config(RunConfig):
     finetune: FinetuneConfig = FinetuneConfig()
     # Several seeds of this recipe as members of one experiment, averaged before blending.
     seeds: list[int] = []
+    cache: CacheConfig = CacheConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

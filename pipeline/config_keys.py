@@ -45,6 +45,8 @@ KEYS: dict[str, str] = {
     "dedup.sheet_groups": NO_RETRAIN,
     "folds": RETRAIN,
     "tta": NO_RETRAIN,
+    "cache": RETRAIN,                   # the resized pixels training sees (size, format, jpeg_quality)
+    "cache.workers": NO_RETRAIN,        # threads that build it: the same files
     "ensemble": NO_RETRAIN,
     "package": NO_RETRAIN,              # an inference package is made from trained folds
     "pseudo": RETRAIN,                  # second round: what each fold learns from (teachers, threshold ...)

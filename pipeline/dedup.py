@@ -62,9 +62,21 @@ MAX_ROUNDS = 4
 MAX_CHAIN_CHECK = 1500
 
 
-def detection_settings(dcfg: DedupConfig) -> dict:
-    """The settings that change which images are grouped (not the training policy)."""
-    return {"version": DEDUP_VERSION, **{k: getattr(dcfg, k) for k in DETECTION_KEYS}}
+def detection_settings(dcfg: DedupConfig, source: dict | None = None) -> dict:
+    """The settings that change which images are grouped (not the training policy).
+
+    ``source``: the resized-image cache's settings when thumbnails come from it (absent otherwise).
+    """
+    out = {"version": DEDUP_VERSION, **{k: getattr(dcfg, k) for k in DETECTION_KEYS}}
+    return out if source is None else {**out, "source": source}
+
+
+def image_source(cfg: Config) -> dict | None:
+    """The settings of the resized-image cache dedup reads, or None for the original files."""
+    from pipeline.data.cache import resolve_size, settings
+
+    size = resolve_size(cfg.cache, cfg.train)
+    return None if size is None else settings(cfg.cache, size)
 
 
 def input_fingerprint(table: pd.DataFrame) -> str:
@@ -172,8 +184,14 @@ def _chained(members: np.ndarray, fp: Fingerprints, dcfg: DedupConfig) -> tuple[
     return worst < dcfg.min_correlation, worst, [int(members[a]), int(members[b])]
 
 
-def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = True, reader=None,
+                    pixel_hashes: list[str] | None = None,
+                    fingerprints: Fingerprints | None = None) -> tuple[pd.DataFrame, dict]:
     """Group duplicates in ``table`` (columns image, path, split, label).
+
+    ``reader`` and ``pixel_hashes``: the resized-image cache's reader and the hashes of the original
+    pixels it recorded (default: decode the originals). ``fingerprints``: already computed ones
+    (benchmarks time the later steps at sizes they cannot decode).
 
     Returns:
         The dedup table (one row per image, the columns of dedup.csv) and the report dict
@@ -184,8 +202,11 @@ def find_duplicates(table: pd.DataFrame, dcfg: DedupConfig, progress: bool = Tru
     """
     t0 = time.perf_counter()
     n = len(table)
-    fp = fingerprint_images(table["path"].tolist(), dcfg.thumb_size, workers=dcfg.workers, progress=progress,
-                            crops=alignment_crops(dcfg.align_crops, dcfg.align_side), mirror=dcfg.mirror)
+    fp = fingerprints
+    if fp is None:
+        fp = fingerprint_images(table["path"].tolist(), dcfg.thumb_size, workers=dcfg.workers, progress=progress,
+                                crops=alignment_crops(dcfg.align_crops, dcfg.align_side), mirror=dcfg.mirror,
+                                **({"reader": reader} if reader is not None else {}), pixel_hashes=pixel_hashes)
     bad = [f"{img}: {err}" for img, err in zip(table["image"], fp.errors) if err]
     if bad:
         shown = "\n  ".join(bad[:MAX_LISTED]) + (f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else "")
@@ -286,9 +307,18 @@ def run_dedup(cfg: Config, quiet: bool = False) -> pd.DataFrame:
     comp = load_competition(cfg.competition)
     table = comp.all_images()
     started = time.perf_counter()
-    out, report = find_duplicates(table, cfg.dedup, progress=not quiet)
+    source = image_source(cfg)
+    reader, hashes = None, None
+    if source is not None:
+        from pipeline.prepare import ensure_cache
+
+        cache = ensure_cache(cfg, quiet=quiet)
+        reader, hashes = cache.reader(comp.root), cache.pixel_hashes(table["image"].tolist())
+    out, report = find_duplicates(table, cfg.dedup, progress=not quiet, reader=reader, pixel_hashes=hashes)
+    report["settings"] = detection_settings(cfg.dedup, source)
     sheet = paths.dedup_sheet(cfg)
-    shown = contact_sheet(report, comp.root, sheet, max_groups=cfg.dedup.sheet_groups)
+    shown = contact_sheet(report, comp.root, sheet, max_groups=cfg.dedup.sheet_groups,
+                          **({"reader": reader} if reader is not None else {}))
     report = {
         "competition": cfg.competition.slug, "root": str(comp.root),
         "input_fingerprint": input_fingerprint(table),
@@ -342,7 +372,7 @@ def dedup_is_current(cfg: Config, table: pd.DataFrame | None = None) -> bool:
         return False
     if table is None:
         table = load_competition(cfg.competition).all_images()
-    return report.get("settings") == detection_settings(cfg.dedup) and \
+    return report.get("settings") == detection_settings(cfg.dedup, image_source(cfg)) and \
         report.get("input_fingerprint") == input_fingerprint(table)
 
 

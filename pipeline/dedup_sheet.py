@@ -24,9 +24,9 @@ def pick_groups(report: dict, max_groups: int) -> list[dict]:
     return picked
 
 
-def _cell(path: Path) -> np.ndarray:
+def _cell(path: Path, reader=read_image) -> np.ndarray:
     try:
-        img = read_image(path)
+        img = reader(path)
     except ImageReadError:
         return np.full((CELL, CELL, 3), 255, np.uint8)
     h, w = img.shape[:2]
@@ -65,20 +65,23 @@ def _pack(groups: list[dict], width: int) -> list[list[tuple[dict, int]]]:
     return rows
 
 
-def contact_sheet(report: dict, root: Path, out: Path, max_groups: int = 12) -> bool:
-    """Draw the picked groups into ``out`` (PNG); returns False (and writes nothing) when there are none."""
+def contact_sheet(report: dict, root: Path, out: Path, max_groups: int = 12, reader=read_image) -> bool:
+    """Draw the picked groups into ``out`` (PNG); returns False (and writes nothing) when there are none.
+
+    ``reader`` reads an image by path (the resized-image cache's reader, or the original files).
+    """
     groups = pick_groups(report, max_groups)
     if not groups:
         return False
     import matplotlib.pyplot as plt
 
-    fig = draw_sheet(groups, root)
+    fig = draw_sheet(groups, root, reader)
     atomic_save_figure(out, fig)
     plt.close(fig)
     return True
 
 
-def draw_sheet(groups: list[dict], root: Path):
+def draw_sheet(groups: list[dict], root: Path, reader=read_image):
     """The contact sheet of ``groups`` as a matplotlib figure (one row per group or groups side by side)."""
     import matplotlib
 
@@ -100,7 +103,7 @@ def draw_sheet(groups: list[dict], root: Path):
                 ax.axis("on")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                ax.imshow(_cell(root / g["images"][k]))
+                ax.imshow(_cell(root / g["images"][k], reader))
                 label = g["labels"][k] if g["splits"][k] == "train" else "test"
                 ax.set_xlabel(f"{shorten(Path(g['images'][k]).name)}\n{shorten(str(label))}", fontsize=7)
                 if g["conflict"] and g["splits"][k] == "train":

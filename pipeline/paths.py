@@ -94,3 +94,15 @@ def package_dir(cfg: Any, name: str) -> Path:
 def rehearsal_dir(cfg: Any, name: str) -> Path:
     """Where ``pipeline.package --rehearse`` builds its fresh venv and replicated test set."""
     return work_dir(cfg) / "rehearsal" / name
+
+
+# work/<competition>/cache_<size>/ (pipeline.prepare): cache.json last, so a folder without it is no cache
+CACHE_META = "cache.json"
+CACHE_INDEX = "index.csv"
+CACHE_ARRAY = "images.u8"  # cache.format memmap
+CACHE_FILES = "files"  # cache.format jpeg / png
+
+
+def cache_dir(cfg: Any, size: int) -> Path:
+    """The resized-image cache of short side ``size`` (written by ``pipeline.prepare``)."""
+    return work_dir(cfg) / f"cache_{size}"

@@ -92,10 +92,11 @@ def prediction_is_current(cfg: Config, fold: int) -> bool:
     return recorded == _settings(cfg, train_cfg, d / paths.BEST, test_images)
 
 
-def _loader(image_paths: list[str], transform, cfg: Config, device: torch.device) -> torch.utils.data.DataLoader:
+def _loader(image_paths: list[str], transform, cfg: Config, device: torch.device,
+            reader=None) -> torch.utils.data.DataLoader:
     from pipeline.data import ImageDataset
 
-    ds = ImageDataset(image_paths, transform=transform)
+    ds = ImageDataset(image_paths, transform=transform, reader=reader)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.predict.batch_size, shuffle=False,
                                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
                                        persistent_workers=False)
@@ -147,6 +148,7 @@ def model_views(model: torch.nn.Module, tta: list[str], flips: bool, crop_scale:
 def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Write test.csv, oof_tta.csv and predict.json for one fold; returns the predict.json content."""
     from pipeline.data import load_competition
+    from pipeline.data.cache import image_reader
     from pipeline.data.transforms import eval_transform
 
     d = paths.fold_dir(cfg, fold)
@@ -174,10 +176,13 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
     if missing_cols:
         raise PipelineError(f"{oof_path} lacks columns {missing_cols[:5]}; retrain the fold")
     transform = eval_transform(train_cfg.train.img_size, aug)
+    # The images as training saw them: the resized-image cache of the checkpoint's settings, if any.
+    reader = image_reader(cfg, comp.root, cache=train_cfg.cache, train=train_cfg.train)
     run = dict(device=device, amp=train_cfg.train.amp, channels_last=train_cfg.train.channels_last, progress=not quiet)
     oof_paths = [str(comp.root / p) for p in oof["image"]]
-    logp_oof = predict_views(model, _loader(oof_paths, transform, cfg, device), views, desc=f"fold{fold} oof", **run)
-    logp_test = predict_views(model, _loader(comp.test["path"].tolist(), transform, cfg, device), views,
+    logp_oof = predict_views(model, _loader(oof_paths, transform, cfg, device, reader), views,
+                             desc=f"fold{fold} oof", **run)
+    logp_test = predict_views(model, _loader(comp.test["path"].tolist(), transform, cfg, device, reader), views,
                               desc=f"fold{fold} test", **run)
 
     index = {c: i for i, c in enumerate(classes)}

@@ -2,7 +2,8 @@
 
 ``python -m pipeline.run`` (with no argument: the embedded default competition)
 
-1. dedup + folds (``pipeline.folds.ensure_folds``: made again only when inputs or settings change);
+1. the resized-image cache when ``cache.size`` is set (``pipeline.prepare``), then dedup + folds
+   (``pipeline.folds.ensure_folds``): each made again only when inputs or settings change;
 2. train each fold (skipped when its ``metrics.json`` is complete, its saved config matches the
    current one and its OOF rows are the fold's rows of folds.csv);
 3. predict each fold with TTA (skipped when made from the same checkpoint and TTA settings);
@@ -74,12 +75,14 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
             as ``runs/<experiment>@<time>/``.
     """
     from pipeline.data import load_competition
+    from pipeline.data.cache import resolve_size
     from pipeline.engine.distributed import barrier, init_distributed
     from pipeline.ensemble import ensure_submission, format_table
     from pipeline.experiments import Members, announce_members, choose_members
     from pipeline.finetune import resolve_training_config
     from pipeline.folds import ensure_folds
     from pipeline.predict import predict_fold
+    from pipeline.prepare import ensure_cache
     from pipeline.seeds import average_members, mark_member, member_configs
     from pipeline.train import fold_is_current
 
@@ -93,8 +96,13 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
     members = member_configs(cfg)
 
     t = time.time()
+    cached = ""
     if dist.is_main:
         comp = load_competition(cfg.competition)
+        if resolve_size(cfg.cache, cfg.train) is not None:
+            # First, so that dedup, training and prediction all read the resized images.
+            cache = ensure_cache(cfg)
+            cached = f", {cache.folder.name} ({cache.format})"
         folds = ensure_folds(cfg)
     barrier(dist)
     if not dist.is_main:
@@ -103,7 +111,7 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
     all_ks = sorted(int(k) for k in folds["fold"].unique() if k >= 0)
     ks = _chosen_folds(all_ks, only_folds)
     say(f"[1/4] data+folds  {comp.slug}: {len(comp.train)} train / {len(comp.test)} test images, "
-        f"{len(folds)} in folds.csv, {len(all_ks)} folds{f' (this run: {ks})' if ks != all_ks else ''} "
+        f"{len(folds)} in folds.csv, {len(all_ks)} folds{f' (this run: {ks})' if ks != all_ks else ''}{cached} "
         f"({_fmt_time(time.time() - t)})")
 
     if dist.is_main:

@@ -134,11 +134,12 @@ def _preload(dataset: ImageDataset, images: list[str], what: str, show: bool) ->
 
 
 def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, classes: list[str], info: DistInfo,
-                  soft: SoftRows | None = None):
+                  soft: SoftRows | None = None, reader=None):
     """Train loader (shuffled, sharded by ``DistributedSampler``) and this rank's validation shard.
 
     With ``soft`` (pseudo-labels, distillation) the train loader yields its rows and packed soft
-    targets instead of the fold's rows and class indices.
+    targets instead of the fold's rows and class indices. ``reader``: ``path -> RGB array`` (the
+    resized-image cache's, :func:`pipeline.data.cache.image_reader`), default the original files.
 
     Returns:
         (train_loader, val_loader, train_rows, val_rows, val_shard) where ``val_shard`` holds the
@@ -154,16 +155,21 @@ def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, class
     val_rows = folds[folds["fold"] == fold].reset_index(drop=True)
 
     def dataset(rows: pd.DataFrame, transform) -> ImageDataset:
-        return ImageDataset([root / p for p in rows["image"]], rows["label"].map(index).to_numpy(), transform)
+        return ImageDataset([root / p for p in rows["image"]], rows["label"].map(index).to_numpy(), transform,
+                            reader=reader)
 
     if soft is not None:
         train_ds = PackedTargetDataset(soft.paths, soft.packed, train_transform(t.img_size, t.augment))
+        if reader is not None:
+            train_ds.reader = reader
         train_names = list(train_rows["image"]) + soft.paths[len(train_rows):]
     else:
         train_ds = dataset(train_rows, train_transform(t.img_size, t.augment))
         train_names = list(train_rows["image"])
     val_ds = dataset(val_rows, eval_transform(t.img_size, t.augment))
-    if t.cache_images:
+    # A memory-mapped cache is read without decoding and shared through the page cache: a RAM copy
+    # would only double it.
+    if t.cache_images and getattr(reader, "needs_preload", True):
         # Decoded once, before workers fork (they share the memory); PNGs are not re-read each epoch.
         _preload(train_ds, train_names, "train", info.is_main)
         _preload(val_ds, list(val_rows["image"]), "validation", info.is_main)
@@ -266,20 +272,24 @@ def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, 
 
 # --------------------------------------------------------------------------- the fold
 def _fold_data(cfg: Config, fold: int, info: DistInfo):
-    """folds.csv (made first by rank 0 when missing or stale), the competition's classes and root."""
+    """folds.csv (made first by rank 0 when missing or stale), the competition's classes and root, and
+    the image reader (the resized-image cache's when ``cache.size`` is set, made first by rank 0)."""
+    from pipeline.data.cache import image_reader
     from pipeline.folds import ensure_folds  # the folds stage owns folds.csv
 
     if info.is_main:
+        reader = image_reader(cfg, cfg.competition.root)
         folds = ensure_folds(cfg)
     barrier(info)
     if not info.is_main:
+        reader = image_reader(cfg, cfg.competition.root, build=False)
         folds = ensure_folds(cfg)
     known = sorted(int(f) for f in folds["fold"].unique() if f >= 0)
     if fold not in known:
         raise PipelineError(f"--fold {fold}: {paths.folds_csv(cfg)} has folds {known}; choose one of them "
                             "(folds.k sets how many)")
     comp = load_competition(cfg.competition)
-    return folds, list(comp.classes), comp.root
+    return folds, list(comp.classes), comp.root, reader
 
 
 def _no_last_pt(cfg: Config, fold: int, option: str) -> PipelineError:
@@ -403,7 +413,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
     info = init_distributed(cfg.device)
     cfg = resolve_training_config(cfg, quiet=not info.is_main)
     t = cfg.train
-    folds, classes, root = _fold_data(cfg, fold, info)
+    folds, classes, root, reader = _fold_data(cfg, fold, info)
     if resume and extend:
         raise PipelineError("--resume and --extend do not go together: --resume finishes an interrupted fold, "
                             "--extend adds epochs to a finished one")
@@ -430,7 +440,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
     if soft_targets_on(cfg):
         soft = soft_rows(cfg, fold, folds, folds[folds["fold"] != fold].reset_index(drop=True), classes, root)
     train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(cfg, folds, fold, root, classes, info,
-                                                                              soft)
+                                                                              soft, reader)
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise PipelineError(f"fold {fold} has {len(train_rows)} training and {len(val_rows)} validation images; "
                             "use fewer folds (folds.k)")

@@ -1,7 +1,7 @@
 """A torch Dataset over image paths, through an albumentations pipeline."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,16 +20,19 @@ class ImageDataset(Dataset):
         cache: keep decoded images in RAM (small competitions: decode once, not every epoch).
             With DataLoader workers, call :meth:`preload` first: images cached inside a worker
             live only as long as that worker.
+        reader: ``path -> RGB uint8``; default :func:`read_image` (the original file). The
+            resized-image cache passes its reader (:func:`pipeline.data.cache.image_reader`).
     """
 
     def __init__(self, paths: Sequence[str], targets: Sequence[int] | None = None, transform=None,
-                 cache: bool = False):
+                 cache: bool = False, reader: Callable[[str], np.ndarray] | None = None):
         self.paths = [str(p) for p in paths]
         self.targets = np.full(len(self.paths), -1, np.int64) if targets is None else np.asarray(targets, np.int64)
         if len(self.targets) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(self.targets)} targets")
         self.transform = transform
         self.cache = cache
+        self.reader = reader or read_image
         self._images: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -38,7 +41,7 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> np.ndarray:
         img = self._images.get(index)
         if img is None:
-            img = read_image(self.paths[index])
+            img = self.reader(self.paths[index])
             if self.cache:
                 self._images[index] = img
         return img
