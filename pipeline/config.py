@@ -96,6 +96,9 @@ class CompetitionConfig(Section):
     submission_form: Literal["label", "probabilities"] = "label"
     metric: Literal["accuracy", "log_loss"] = "accuracy"
     solution: Annotated[str | None, PATH_KEY] = None
+    # Label fixes (pipeline/label_fixes.py): a CSV image,label of corrections; a CSV of images to drop.
+    relabel: Annotated[str | None, PATH_KEY] = None
+    exclude: Annotated[str | None, PATH_KEY] = None
     build: Literal["digits"] | None = None
 
     @field_validator("name")
@@ -147,6 +150,9 @@ class DedupConfig(Section):
 class FoldsConfig(Section):
     k: int = Field(5, ge=2, le=50)
     seed: int = 42
+    # A column of the train table (patient, site, session): its groups, joined with the duplicate
+    # groups, never span two folds.
+    group_column: str | None = None
 
 
 class ModelConfig(Section):

@@ -5,8 +5,15 @@ run, ``work/<comp>/dedup.csv``; applies the dedup training policy (``dedup.polic
 keep_all | keep_one, ``dedup.conflicts``: drop | majority | keep) and splits with scikit-learn's
 ``StratifiedGroupKFold`` so that no duplicate group is ever split across folds.
 
-Outputs (design.md): ``work/<comp>/folds.csv`` (image, label, group, fold) and
-``work/<comp>/folds.json`` (the settings and input fingerprint that made it).
+``folds.group_column`` (a patient, site or session id in the train table) is joined with the
+duplicate groups: images linked by either share a group, so no group of either kind spans two folds.
+
+``competition.relabel`` and ``competition.exclude`` (:mod:`pipeline.label_fixes`) are applied after
+the folds are assigned from the labels as given, so fold ids never move: ``label`` holds the
+corrected label and ``excluded`` marks images training skips (validation keeps them).
+
+Outputs (design.md): ``work/<comp>/folds.csv`` (image, label, group, fold, excluded) and
+``work/<comp>/folds.json`` (the settings and input fingerprint that made it, and the label fixes).
 
 A class whose images form a single duplicate group cannot be both trained on and validated:
 its rows get ``fold = -1``, meaning "always in training, never validated", so every fold's
@@ -23,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline import paths
@@ -55,8 +64,20 @@ def _file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _settings(cfg: Config, train: pd.DataFrame) -> dict:
+def _user_groups(cfg: Config, comp) -> pd.Series | None:
+    from pipeline.data.competition import read_train_column
+
+    if not cfg.folds.group_column:
+        return None
+    return read_train_column(comp, cfg.folds.group_column, "folds.group_column")
+
+
+def _settings(cfg: Config, train: pd.DataFrame, user_groups: pd.Series | None) -> dict:
     """What folds.csv depends on; a mismatch with folds.json means it must be made again."""
+    fixes = {key: _file_digest(Path(path)) if path else None
+             for key, path in (("relabel_sha256", cfg.competition.relabel),
+                               ("exclude_sha256", cfg.competition.exclude))}
+    groups = None if user_groups is None else _fingerprint_frame(train.assign(g=user_groups), ["image", "g"])
     return {
         "version": FOLDS_VERSION,
         "k": cfg.folds.k,
@@ -65,7 +86,35 @@ def _settings(cfg: Config, train: pd.DataFrame) -> dict:
         "dedup_conflicts": cfg.dedup.conflicts,
         "train_fingerprint": _fingerprint_frame(train, ["image", "label"]),
         "dedup_fingerprint": _file_digest(paths.dedup_csv(cfg)),
+        # Keys added later are left out while unused, so older folds.json files stay current.
+        **{k: v for k, v in fixes.items() if v is not None},
+        **({"group_column": cfg.folds.group_column, "group_fingerprint": groups} if groups else {}),
     }
+
+
+def join_groups(table: pd.DataFrame, user: pd.Series) -> tuple[pd.DataFrame, int]:
+    """Merge ``table['group']`` (duplicate groups) with the user's groups (``user``, aligned; '' = none).
+
+    Images sharing a duplicate group or a user group end in one group: the connected components
+    of the graph linking each image to both of its groups. A merged group is named after its first
+    duplicate group (table order), so names stay unique and readable.
+
+    Returns:
+        The table with the joined ``group`` column, and how many duplicate groups were merged away.
+    """
+    n = len(table)
+    dedup_code, dedup_names = pd.factorize(table["group"])
+    has_user = (user != "").to_numpy()
+    user_code, user_names = pd.factorize(user[has_user])
+    image_ids = np.arange(n)
+    rows = np.r_[image_ids, image_ids[has_user]]
+    cols = np.r_[n + dedup_code, n + len(dedup_names) + user_code]
+    size = n + len(dedup_names) + len(user_names)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    first = pd.Series(table["group"].to_numpy()).groupby(component[:n]).transform("first")
+    merged = table.assign(group=first.to_numpy())
+    return merged, int(table["group"].nunique() - merged["group"].nunique())
 
 
 def _read_groups(cfg: Config, train: pd.DataFrame) -> pd.DataFrame:
@@ -212,20 +261,34 @@ def make_folds(cfg: Config, quiet: bool = False) -> pd.DataFrame:
         quiet: do not print the balance table.
     """
     from pipeline.data import load_competition
+    from pipeline.label_fixes import apply_label_fixes, read_label_fixes
 
     comp = load_competition(cfg.competition)
+    fixes = read_label_fixes(comp)  # a bad fix list stops here, before anything is written
     train = comp.train[["image", "label"]].reset_index(drop=True)
-    settings = _settings(cfg, train)
+    user_groups = _user_groups(cfg, comp)
+    settings = _settings(cfg, train, user_groups)
     table = _read_groups(cfg, train)
+    # The policy judges duplicate groups alone: a patient's images may rightly have several labels.
     kept, stats = apply_policy(table, cfg.dedup.policy, cfg.dedup.conflicts)
+    if user_groups is not None:
+        kept, stats["merged_by_group_column"] = join_groups(
+            kept, kept["image"].map(dict(zip(train["image"], user_groups))))
     fold, notes = assign_folds(kept, cfg.folds.k, cfg.folds.seed)
-    folds = kept.assign(fold=fold)[["image", "label", "group", "fold"]]
+    # Folds come from the labels as given; the fixes only then: fold ids never move with them.
+    assigned = kept.assign(fold=fold)[["image", "label", "group", "fold"]]
+    folds = apply_label_fixes(assigned, fixes)
+    fix_record = fixes.record(folds, assigned.set_index("image")["label"])
     for note in notes:
         warn(note)
+    if fix_record["not_in_folds"]:
+        warn(f"{len(fix_record['not_in_folds'])} image(s) of competition.relabel/exclude are not in folds.csv (the "
+             f"dedup policy dropped them), e.g. {fix_record['not_in_folds'][0]!r}; a fix cannot bring them back")
     out = paths.folds_csv(cfg)
     atomic_write_csv(out, folds)
     atomic_write_json(paths.folds_json(cfg), {**settings, "policy_stats": stats, "n_images": len(folds),
-                                             "n_groups": int(folds["group"].nunique()), "notes": notes})
+                                             "n_groups": int(folds["group"].nunique()), "notes": notes,
+                                             "label_fixes": fix_record})
     if not quiet:
         dropped = stats["n_in"] - stats["n_out"]
         why = ", ".join(f"{n} {what}" for what, n in (
@@ -234,13 +297,33 @@ def make_folds(cfg: Config, quiet: bool = False) -> pd.DataFrame:
         print(f"folds: {len(folds)} train images in {folds['group'].nunique()} groups, k={cfg.folds.k}, "
               f"seed={cfg.folds.seed}; dedup policy {cfg.dedup.policy}, conflicts {cfg.dedup.conflicts}: "
               f"dropped {dropped}{f' ({why})' if why else ''}, relabelled {stats['relabelled']}")
+        if fixes.sources:
+            print(f"label fixes: {len(fix_record['relabelled'])} image(s) relabelled, {len(fix_record['excluded'])} "
+                  "excluded from training (still validated, with their corrected labels); fold ids unchanged")
+        if user_groups is not None:
+            print(f"folds.group_column {cfg.folds.group_column!r} joined with the duplicate groups: "
+                  f"{stats['merged_by_group_column']} duplicate group(s) merged")
         print(balance_table(folds, cfg.folds.k))
         print(f"wrote {out}")
     return folds
 
 
 def _read_folds(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"image": str, "label": str, "group": str}, keep_default_na=False)
+    folds = pd.read_csv(path, dtype={"image": str, "label": str, "group": str}, keep_default_na=False)
+    if "excluded" not in folds.columns:  # written before label fixes existed
+        folds["excluded"] = False
+    folds["excluded"] = folds["excluded"].astype(str).str.lower().isin(["true", "1"])
+    return folds
+
+
+def training_rows(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The rows fold ``fold`` trains on: every other fold (and -1), without the excluded images."""
+    return folds[(folds["fold"] != fold) & ~folds["excluded"]].reset_index(drop=True)
+
+
+def validation_rows(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The rows fold ``fold`` is validated on: all of them, excluded or not, with corrected labels."""
+    return folds[folds["fold"] == fold].reset_index(drop=True)
 
 
 def folds_are_current(cfg: Config) -> bool:
@@ -254,8 +337,9 @@ def folds_are_current(cfg: Config) -> bool:
         recorded = read_json(meta)
     except ValueError:
         return False
-    train = load_competition(cfg.competition).train[["image", "label"]].reset_index(drop=True)
-    current = _settings(cfg, train)
+    comp = load_competition(cfg.competition)
+    train = comp.train[["image", "label"]].reset_index(drop=True)
+    current = _settings(cfg, train, _user_groups(cfg, comp))
     return all(recorded.get(key) == value for key, value in current.items())
 
 

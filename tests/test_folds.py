@@ -102,7 +102,7 @@ def test_folds_cli_uses_dedup_groups_and_policy(make_cfg, capsys):
     assert (folds.groupby("group")["fold"].nunique() == 1).all()
     assert sorted(folds["fold"].unique()) == [0, 1, 2, 3]
     written = pd.read_csv(paths.folds_csv(cfg))
-    assert list(written.columns) == ["image", "label", "group", "fold"] and len(written) == len(train) - 2
+    assert list(written.columns) == ["image", "label", "group", "fold", "excluded"] and len(written) == len(train) - 2
 
 
 def test_ensure_folds_runs_dedup_and_remakes_when_settings_change(make_cfg, capsys):

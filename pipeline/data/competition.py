@@ -329,6 +329,15 @@ def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: 
     return Competition(cfg, root, train, test, classes, sample)
 
 
+def read_train_column(comp: Competition, column: str, key: str) -> pd.Series:
+    """Another column of the train table (e.g. a patient id) as text, in the row order of ``comp.train``."""
+    src = comp.root / comp.cfg.train_csv
+    raw = _read_csv(src, "train table", [], key)
+    if column not in raw.columns:
+        raise DataError(f"{key} = {column!r}: {src} has no such column; its columns are {list(raw.columns)}")
+    return raw[column].astype(str).str.strip().reset_index(drop=True)
+
+
 def _probe(path: str) -> str | None:
     try:
         read_image(path)
