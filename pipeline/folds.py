@@ -321,6 +321,12 @@ def training_rows(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
     return folds[(folds["fold"] != fold) & ~folds["excluded"]].reset_index(drop=True)
 
 
+def training_fingerprint(folds: pd.DataFrame, fold: int) -> str:
+    """A digest of the (image, label) pairs fold ``fold`` trains on, in any order."""
+    rows = training_rows(folds, fold).sort_values("image")
+    return _fingerprint_frame(rows, ["image", "label"])
+
+
 def validation_rows(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The rows fold ``fold`` is validated on: all of them, excluded or not, with corrected labels."""
     return folds[folds["fold"] == fold].reset_index(drop=True)

@@ -52,6 +52,7 @@ from pipeline.engine.swa import Swa, swa_start_epoch
 from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.finetune import load_start_weights, resolve_training_config
+from pipeline.folds import training_fingerprint, training_rows, validation_rows
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.models import create_classifier
 from pipeline.progress import bar
@@ -151,8 +152,7 @@ def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, class
     if unknown:
         raise PipelineError(f"folds.csv has labels that are not classes of the competition: {unknown[:5]}; "
                             "delete work/<competition>/folds.csv so it is made again")
-    train_rows = folds[folds["fold"] != fold].reset_index(drop=True)
-    val_rows = folds[folds["fold"] == fold].reset_index(drop=True)
+    train_rows, val_rows = training_rows(folds, fold), validation_rows(folds, fold)
 
     def dataset(rows: pd.DataFrame, transform) -> ImageDataset:
         return ImageDataset([root / p for p in rows["image"]], rows["label"].map(index).to_numpy(), transform,
@@ -438,7 +438,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
             print(f"train: fold {fold} continues from {loaded} at {t.img_size} px")
     soft = None
     if soft_targets_on(cfg):
-        soft = soft_rows(cfg, fold, folds, folds[folds["fold"] != fold].reset_index(drop=True), classes, root)
+        soft = soft_rows(cfg, fold, folds, training_rows(folds, fold), classes, root)
     train_loader, val_loader, train_rows, val_rows, val_shard = build_loaders(cfg, folds, fold, root, classes, info,
                                                                               soft, reader)
     if len(val_rows) == 0 or len(train_rows) == 0:
@@ -574,7 +574,7 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
                  n_train: int | None = None, swa: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write oof.csv (the best epoch's validation probabilities, or the SWA model's) and metrics.json."""
     fold_dir = paths.fold_dir(cfg, fold)
-    val_rows = folds[folds["fold"] == fold].reset_index(drop=True)
+    val_rows = validation_rows(folds, fold)
     probs = ckpt["best_keep"]["best_probs"].numpy()
     best_epoch_probs = probs
     if swa is not None:
@@ -595,7 +595,10 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
         "val_acc": float((probs.argmax(1) == targets).mean()),
         "val_loss": float(-np.log(p_true).mean()),
         "used_ema": used_ema,
-        "n_train": int(n_train if n_train is not None else (folds["fold"] != fold).sum()),
+        "n_train": int(n_train if n_train is not None else len(training_rows(folds, fold))),
+        # What the fold trained on (labels included): run retrains only folds whose training rows a
+        # label fix changed; a fix of a validation label alone only rewrites the labels of oof.csv.
+        "train_rows_sha256": training_fingerprint(folds, fold),
         "n_val": len(val_rows),
         "train_time_s": float(history["epoch_time_s"].sum()),
         "images_per_s": float(history["images_per_s"].mean()),
