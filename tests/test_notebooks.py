@@ -67,7 +67,7 @@ def _overrides(tmp_path: Path, root: Path) -> list[str]:
             f"competition.solution={root.parent / 'digits_private' / 'solution.csv'}", "wandb.mode=disabled"]
 
 
-@pytest.mark.parametrize("name", ["eda.ipynb", "compare_runs.ipynb"])
+@pytest.mark.parametrize("name", ["eda.ipynb", "compare_runs.ipynb", "error_analysis.ipynb"])
 def test_notebooks_are_stored_without_outputs(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
@@ -98,3 +98,26 @@ def test_compare_notebook_runs(make_cfg, digits_root, tmp_path, kernel_manager_f
     for name in ("nb_a", "nb_b", "nb_partial", "model.backbone", "1/3"):
         assert name in text
     assert images == 1
+
+
+def test_error_analysis_notebook_runs(make_cfg, digits_root, tmp_path, kernel_manager_factory):
+    import numpy as np
+    import pandas as pd
+    from test_analyze import CLASSES, write_oof_run
+
+    train = pd.read_csv(digits_root / "train.csv", dtype=str).iloc[:200]
+    rng = np.random.default_rng(0)
+    given = train["label"].map(CLASSES.index).to_numpy()
+    logits = rng.normal(0, 1, (len(train), len(CLASSES)))
+    logits[np.arange(len(train)), given] += 4.0
+    logits[np.arange(5), (given[:5] + 1) % 10] += 9.0  # five images the model says are mislabelled
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    write_oof_run(make_cfg("experiment=nb_err", "folds.k=2"), train["image"].tolist(), train["label"].tolist(),
+                  probs, CLASSES)
+    nb = execute("error_analysis.ipynb", {"CONFIG": str(REPO / "configs" / "default.yaml"),
+                                          "OVERRIDES": [*_overrides(tmp_path, digits_root), "experiment=nb_err"],
+                                          "ADVERSARIAL": False}, kernel_manager_factory)
+    text, images = _outputs(nb)
+    assert "worst classes" in text and "expected calibration error" in text and "competition.exclude" in text
+    assert images >= 4  # confusion, top losses, calibration, label issues
+    assert (tmp_path / "runs" / "nb_err" / "analysis" / "report.md").is_file()
