@@ -33,6 +33,7 @@ from pipeline.errors import PipelineError, cli_entry
 from pipeline.experiments import Members, choose_members, experiment_folds, missing_predictions, saved_config
 from pipeline.experiments import discover_experiments as discover_experiments  # where callers look for it
 from pipeline.io import read_json
+from pipeline.label_fixes import submission_record
 from pipeline.metrics import accuracy, log_loss
 
 ENSEMBLE_RUN_DIR = "_ensemble"  # W&B records of blends; not an experiment (it has no config.yaml)
@@ -435,6 +436,7 @@ def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, flo
         "n_test": int(n_test),
         "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "label_fixes": submission_record(cfg, names, _experiment_config),
     }
 
 

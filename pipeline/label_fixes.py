@@ -125,3 +125,22 @@ def apply_label_fixes(folds: pd.DataFrame, fixes: LabelFixes) -> pd.DataFrame:
     out["label"] = fixed.where(fixed.notna(), out["label"])
     out["excluded"] = out["image"].isin(set(fixes.exclude))
     return out
+
+
+def submission_record(cfg, experiments: list[str], experiment_config) -> dict:
+    """What a submission's JSON records of the label fixes: each experiment's relabel/exclude files
+    (from its saved config) and what the competition's current folds.csv holds (folds.json)."""
+    from pipeline import paths
+    from pipeline.io import read_json
+
+    record: dict = {"experiments": {}}
+    for name in experiments:
+        comp = (experiment_config(paths.run_dir(cfg, name)) or {}).get("competition") or {}
+        record["experiments"][name] = {"relabel": comp.get("relabel"), "exclude": comp.get("exclude")}
+    try:
+        fixes = read_json(paths.folds_json(cfg)).get("label_fixes") or {}
+    except (OSError, ValueError):
+        fixes = {}
+    record["folds"] = {**{k: fixes[k] for k in ("relabel", "exclude") if k in fixes},
+                       "n_relabelled": len(fixes.get("relabelled", [])), "n_excluded": len(fixes.get("excluded", []))}
+    return record
