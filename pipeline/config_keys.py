@@ -33,6 +33,10 @@ KEYS: dict[str, str] = {
     "competition": RETRAIN,             # the data itself
     "competition.solution": NO_RETRAIN,  # only scores submissions
     "competition.build": NO_RETRAIN,    # whether to build the demo data, not what it holds
+    # Label fixes change the training rows of some folds only: train.fold_is_current compares each
+    # fold's own training rows (metrics.json: train_rows_sha256) instead of the file names.
+    "competition.relabel": NO_RETRAIN,
+    "competition.exclude": NO_RETRAIN,
     "model": RETRAIN,
     "train": RETRAIN,
     "train.num_workers": NO_RETRAIN,    # results do not depend on it (augmentation seeded per image)
@@ -44,6 +48,7 @@ KEYS: dict[str, str] = {
     "dedup.workers": NO_RETRAIN,
     "dedup.sheet_groups": NO_RETRAIN,
     "folds": RETRAIN,
+    "folds.group_column": RETRAIN,      # regroups the images, hence the folds
     "tta": NO_RETRAIN,
     "cache": RETRAIN,                   # the resized pixels training sees (size, format, jpeg_quality)
     "cache.workers": NO_RETRAIN,        # threads that build it: the same files

@@ -436,7 +436,7 @@ def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, flo
         "n_test": int(n_test),
         "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "label_fixes": submission_record(cfg, names, _experiment_config),
+        "label_fixes": submission_record(cfg, [e.name for e in exps], lambda n: saved_config(cfg, n)),
     }
 
 

@@ -127,15 +127,16 @@ def apply_label_fixes(folds: pd.DataFrame, fixes: LabelFixes) -> pd.DataFrame:
     return out
 
 
-def submission_record(cfg, experiments: list[str], experiment_config) -> dict:
+def submission_record(cfg, experiments: list[str], config_of) -> dict:
     """What a submission's JSON records of the label fixes: each experiment's relabel/exclude files
-    (from its saved config) and what the competition's current folds.csv holds (folds.json)."""
+    (from its saved config, ``config_of(name)``) and what the competition's current folds.csv holds
+    (folds.json)."""
     from pipeline import paths
     from pipeline.io import read_json
 
     record: dict = {"experiments": {}}
     for name in experiments:
-        comp = (experiment_config(paths.run_dir(cfg, name)) or {}).get("competition") or {}
+        comp = (config_of(name) or {}).get("competition") or {}
         record["experiments"][name] = {"relabel": comp.get("relabel"), "exclude": comp.get("exclude")}
     try:
         fixes = read_json(paths.folds_json(cfg)).get("label_fixes") or {}

@@ -84,7 +84,7 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
     from pipeline.predict import predict_fold
     from pipeline.prepare import ensure_cache
     from pipeline.seeds import average_members, mark_member, member_configs
-    from pipeline.train import fold_is_current
+    from pipeline.train import fold_is_current, sync_validation_labels
 
     start = time.time()
     dist = init_distributed(cfg.device)
@@ -126,6 +126,9 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
         for k in ks:
             current, reason = fold_is_current(run, k, folds)
             if current:
+                if dist.is_main and sync_validation_labels(run, k, folds):
+                    say(f"        fold {k}: validation labels corrected (competition.relabel) in its oof.csv; "
+                        "nothing it trained on changed, so it is not retrained")
                 skipped.append(k)
                 continue
             say(f"        train fold {k}{f' of {run.experiment}' if members else ''}: {reason}; training "

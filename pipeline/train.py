@@ -54,6 +54,7 @@ from pipeline.errors import PipelineError, cli_entry
 from pipeline.finetune import load_start_weights, resolve_training_config
 from pipeline.folds import training_fingerprint, training_rows, validation_rows
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
+from pipeline.metrics import accuracy, log_loss
 from pipeline.models import create_classifier
 from pipeline.progress import bar
 from pipeline.soft_training import (
@@ -267,7 +268,38 @@ def fold_is_current(cfg: Config, fold: int, folds: pd.DataFrame) -> tuple[bool, 
     oof_images = set(pd.read_csv(d / paths.OOF, usecols=["image"], dtype=str, keep_default_na=False)["image"])
     if oof_images != set(folds.loc[folds["fold"] == fold, "image"]):
         return False, "folds.csv changed"
+    trained_on = metrics.get("train_rows_sha256")
+    if trained_on is None:  # trained before folds recorded label fixes: compare the fix files instead
+        then = saved.get("competition") or {}
+        if (then.get("relabel"), then.get("exclude")) != (cfg.competition.relabel, cfg.competition.exclude):
+            return False, "competition.relabel / competition.exclude changed"
+    elif trained_on != training_fingerprint(folds, fold):
+        return False, "its training images or labels changed (competition.relabel / competition.exclude)"
     return True, "complete"
+
+
+def sync_validation_labels(cfg: Config, fold: int, folds: pd.DataFrame) -> bool:
+    """Give a current fold's oof.csv the validation labels of folds.csv; True when some changed.
+
+    A relabel of one of the fold's own validation images changes nothing the fold trained on, so
+    it is not retrained: the labels of oof.csv and the scores of metrics.json are rewritten, and
+    its predict.json is removed so that predict makes oof_tta.csv again with the new labels.
+    """
+    d = paths.fold_dir(cfg, fold)
+    oof = pd.read_csv(d / paths.OOF, dtype={"image": str, "label": str}, keep_default_na=False)
+    wanted = oof["image"].map(validation_rows(folds, fold).set_index("image")["label"])
+    if wanted.isna().any() or wanted.equals(oof["label"]):
+        return False
+    classes = [c for c in oof.columns if c not in ("image", "label")]
+    oof["label"] = wanted
+    atomic_write_csv(d / paths.OOF, oof)
+    probs = oof[classes].to_numpy(np.float64)
+    targets = wanted.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    metrics = read_json(d / paths.METRICS)
+    metrics.update(val_acc=accuracy(probs, targets), val_loss=log_loss(probs, targets))
+    atomic_write_json(d / paths.METRICS, metrics)
+    (d / paths.PREDICT).unlink(missing_ok=True)
+    return True
 
 
 # --------------------------------------------------------------------------- the fold
@@ -301,17 +333,26 @@ def _no_last_pt(cfg: Config, fold: int, option: str) -> PipelineError:
     return PipelineError(f"{option}: {last_path} does not exist; train fold {fold} without {option} first")
 
 
-def _resume_checkpoint(cfg: Config, fold: int) -> dict[str, Any]:
-    """last.pt of the fold, loaded to the CPU, after checking it was made with the same RETRAIN keys."""
+def _resume_checkpoint(cfg: Config, fold: int, folds: pd.DataFrame) -> dict[str, Any]:
+    """last.pt of the fold, loaded to the CPU, after checking it was made with the same RETRAIN keys
+    and the same training rows (label fixes)."""
     last_path = paths.fold_dir(cfg, fold) / paths.LAST
     if not last_path.is_file():
         raise _no_last_pt(cfg, fold, "--resume")
     ckpt = load_checkpoint(last_path, map_location="cpu")
     check_resume_config(ckpt["config"], cfg.to_dict(), last_path)
+    _check_training_rows(ckpt, folds, fold, last_path, "--resume")
     return ckpt
 
 
-def _extend_checkpoint(cfg: Config, fold: int, extra: int) -> dict[str, Any]:
+def _check_training_rows(ckpt: dict[str, Any], folds: pd.DataFrame, fold: int, last_path: Path, option: str) -> None:
+    """Label fixes are not config keys a checkpoint can be compared on: its training rows are."""
+    if ckpt.get("train_rows_sha256") not in (None, training_fingerprint(folds, fold)):
+        raise PipelineError(f"{option}: {last_path} was trained on other images or labels (competition.relabel / "
+                            f"competition.exclude changed since); train the fold again without {option}")
+
+
+def _extend_checkpoint(cfg: Config, fold: int, extra: int, folds: pd.DataFrame) -> dict[str, Any]:
     """last.pt of a finished fold, ready to run ``extra`` more epochs: ``cfg.train.epochs`` becomes the
     new total, the schedule is made again for it (not restored), and early stopping starts afresh."""
     last_path = paths.fold_dir(cfg, fold) / paths.LAST
@@ -326,6 +367,7 @@ def _extend_checkpoint(cfg: Config, fold: int, extra: int) -> dict[str, Any]:
     saved.setdefault("train", {})["epochs"] = done + extra
     cfg.train.epochs = done + extra
     check_resume_config(saved, cfg.to_dict(), last_path)
+    _check_training_rows(ckpt, folds, fold, last_path, "--extend")
     return {**ckpt, "config": saved, "scheduler": None, "finished": False, "stop_reason": "", "bad_epochs": 0}
 
 
@@ -417,7 +459,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
     if resume and extend:
         raise PipelineError("--resume and --extend do not go together: --resume finishes an interrupted fold, "
                             "--extend adds epochs to a finished one")
-    ckpt = _extend_checkpoint(cfg, fold, extend) if extend else _resume_checkpoint(cfg, fold) if resume else None
+    ckpt = _extend_checkpoint(cfg, fold, extend, folds) if extend else _resume_checkpoint(cfg, fold, folds) if resume else None
     if ckpt is None and info.is_main and not force:
         set_aside_changed_experiment(cfg)
     if ckpt is not None and ckpt.get("finished"):
@@ -493,7 +535,8 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
         return stats
 
     spec = FitSpec(epochs=t.epochs, out_dir=paths.fold_dir(cfg, fold),
-                   meta={"config": cfg.to_dict(), "classes": classes, "metric": cfg.competition.metric},
+                   meta={"config": cfg.to_dict(), "classes": classes, "metric": cfg.competition.metric,
+                         "train_rows_sha256": training_fingerprint(folds, fold)},
                    history_columns=HISTORY_COLUMNS, patience=t.early_stopping_patience, name=f"train: fold {fold}")
     ok = False
     try:
