@@ -105,3 +105,70 @@ def test_group_column_is_joined_with_duplicate_groups(make_cfg, digits_copy):
     assert folds_are_current(cfg)
     with pytest.raises(DataError, match="folds.group_column = 'site'.*no such column.*'patient'"):
         make_folds(make_cfg("folds.group_column=site", root=digits_copy), quiet=True)
+
+
+def _fake_trained_folds(cfg, folds: pd.DataFrame) -> None:
+    """Outputs of a finished training of every fold, as train writes them (probabilities made up)."""
+    import numpy as np
+    import torch
+
+    from pipeline.config import save_config
+    from pipeline.folds import training_fingerprint
+    from pipeline.io import atomic_write_csv, atomic_write_json
+
+    classes = sorted(folds["label"].unique())
+    save_config(cfg, paths.run_dir(cfg) / paths.CONFIG)
+    for k in sorted(int(f) for f in folds["fold"].unique() if f >= 0):
+        d = paths.fold_dir(cfg, k)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": {}}, d / paths.BEST)
+        val = validation_rows(folds, k)
+        probs = np.full((len(val), len(classes)), 0.01)
+        probs[np.arange(len(val)), val["label"].map(classes.index)] = 1 - 0.01 * (len(classes) - 1)
+        atomic_write_csv(d / paths.OOF, pd.concat([val[["image", "label"]], pd.DataFrame(probs, columns=classes)],
+                                                 axis=1))
+        atomic_write_json(d / paths.PREDICT, {"tta": ["identity"]})
+        atomic_write_json(d / paths.METRICS, {"complete": True, "config": cfg.to_dict(), "val_acc": 1.0,
+                                             "train_rows_sha256": training_fingerprint(folds, k)})
+
+
+def test_fixes_force_exactly_the_retraining_they_should(make_cfg, train, tmp_path):
+    """Excluding an image of fold j retrains every fold but j; relabelling one also only corrects
+    fold j's oof.csv labels; a fix of nothing in the folds retrains nothing."""
+    from pipeline.train import fold_is_current, sync_validation_labels
+
+    cfg = make_cfg("folds.k=3")
+    _write_dedup(cfg, train["image"].tolist(), [f"g{i}" for i in range(len(train))])
+    folds = make_folds(cfg, quiet=True)
+    _fake_trained_folds(cfg, folds)
+    assert all(fold_is_current(cfg, k, folds)[0] for k in range(3))
+
+    in_fold1 = folds.loc[folds["fold"] == 1, "image"].iloc[0]
+    (tmp_path / "exclude.csv").write_text(f"image\n{in_fold1}\n")
+    cfg_x = make_cfg("folds.k=3", f"competition.exclude={tmp_path / 'exclude.csv'}")
+    folds_x = make_folds(cfg_x, quiet=True)
+    state = {k: fold_is_current(cfg_x, k, folds_x) for k in range(3)}
+    assert [k for k, (cur, _) in state.items() if not cur] == [0, 2]
+    assert "training images or labels changed" in state[0][1]
+    assert not sync_validation_labels(cfg_x, 1, folds_x)  # fold 1 still validates the image, label as given
+
+    old = folds.set_index("image").loc[in_fold1, "label"]
+    new = next(c for c in sorted(folds["label"].unique()) if c != old)
+    (tmp_path / "relabel.csv").write_text(f"image,label\n{in_fold1},{new}\n")
+    cfg_r = make_cfg("folds.k=3", f"competition.relabel={tmp_path / 'relabel.csv'}")
+    folds_r = make_folds(cfg_r, quiet=True)
+    assert [k for k in range(3) if not fold_is_current(cfg_r, k, folds_r)[0]] == [0, 2]
+    d1 = paths.fold_dir(cfg_r, 1)
+    assert sync_validation_labels(cfg_r, 1, folds_r)
+    oof = pd.read_csv(d1 / paths.OOF, dtype={"image": str, "label": str}).set_index("image")
+    assert oof.loc[in_fold1, "label"] == new
+    assert (oof["label"] != folds.set_index("image")["label"].reindex(oof.index)).sum() == 1
+    assert read_json(d1 / paths.METRICS)["val_acc"] == pytest.approx(1 - 1 / len(oof))
+    assert not (d1 / paths.PREDICT).exists()  # predict makes oof_tta.csv again, with the new label
+    assert not sync_validation_labels(cfg_r, 1, folds_r)  # once
+
+    # A fix naming an image the dedup policy dropped changes no fold.
+    (tmp_path / "none.csv").write_text("image\n")
+    cfg_n = make_cfg("folds.k=3", f"competition.exclude={tmp_path / 'none.csv'}")
+    folds_n = make_folds(cfg_n, quiet=True)
+    assert all(fold_is_current(cfg_n, k, folds_n)[0] for k in range(3))

@@ -118,3 +118,33 @@ def test_cli_reports_a_bad_config_value_in_one_line(capsys):
     assert cli_entry(main, ["--set", "ensemble.method=best"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "ensemble.method" in err and "optimize" in err
+
+
+def test_label_fixes_retrain_only_the_folds_they_change(first_run, small_root, tmp_path, capsys):
+    """Excluding an image of fold 0 retrains fold 1 alone; relabelling one of fold 1 then retrains
+    fold 0 alone and corrects fold 1's OOF label; the submission records the fixes."""
+    import json
+
+    from pipeline import paths
+
+    cfg, _, _ = first_run
+    folds = pd.read_csv(paths.folds_csv(cfg), dtype=str, keep_default_na=False)
+    in0 = folds.loc[folds["fold"] == "0", "image"].iloc[0]
+    (tmp_path / "exclude.csv").write_text(f"image\n{in0}\n")
+    exclude = f"competition.exclude={tmp_path / 'exclude.csv'}"
+    s = run_all(_tiny(small_root, exclude))
+    assert s.trained == [1] and s.skipped == [0]
+    meta = json.loads(s.submission.with_suffix(".json").read_text())["label_fixes"]
+    assert meta["experiments"][cfg.experiment]["exclude"] == str(tmp_path / "exclude.csv")
+    assert meta["folds"]["n_excluded"] == 1 and meta["folds"]["exclude"]["sha256"]
+
+    in1 = folds.loc[folds["fold"] == "1"].iloc[0]
+    new = next(c for c in sorted(folds["label"].unique()) if c != in1["label"])
+    (tmp_path / "relabel.csv").write_text(f"image,label\n{in1['image']},{new}\n")
+    capsys.readouterr()
+    s = run_all(_tiny(small_root, exclude, f"competition.relabel={tmp_path / 'relabel.csv'}"))
+    assert s.trained == [0] and s.skipped == [1]
+    assert "fold 1: validation labels corrected" in capsys.readouterr().out
+    for name in (paths.OOF, paths.OOF_TTA):  # predict made oof_tta.csv again, with the new label
+        oof = pd.read_csv(paths.fold_dir(cfg, 1) / name, dtype=str).set_index("image")
+        assert oof.loc[in1["image"], "label"] == new
