@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     for k in ("pair", "random"):
         sub = {img for img in planted if kind[img] == k}
         print(f"  {k:<6} flips: recall {precision_recall(found, sub)[1]:.3f} ({len(found & sub)}/{len(sub)})")
+    ranked = issues.loc[issues["found_by"].str.startswith("cleanlab"), "image"].tolist()  # worst first
+    hits = np.cumsum([img in planted for img in ranked])
+    reach = np.flatnonzero(hits >= 0.8 * len(planted))
+    if len(reach):
+        n = int(reach[0]) + 1
+        print(f"  cleanlab's ranking: recall 0.8 is reached at its top {n} issues, precision there {hits[n - 1] / n:.3f}")
     for thr in (0.5, 0.7, 0.9):
         top = set(issues.loc[issues["found_by"].str.startswith("cleanlab") & (issues["suggested_prob"] >= thr), "image"])
         tp, tr, _ = precision_recall(top, planted)
