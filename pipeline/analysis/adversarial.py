@@ -20,6 +20,7 @@ import torch
 from pipeline import paths
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.progress import bar
 
 
 @dataclass
@@ -65,7 +66,6 @@ def adversarial_validation(cfg: Config, oof_images: list[str], oof_folds: np.nda
                            progress: bool = True) -> AdversarialResult:
     """Per fold: the fold model's features of its validation images and of the test images."""
     from sklearn.metrics import roc_auc_score
-    from tqdm.auto import tqdm
 
     from pipeline.data import load_competition
     from pipeline.data.transforms import eval_transform
@@ -84,7 +84,7 @@ def adversarial_validation(cfg: Config, oof_images: list[str], oof_folds: np.nda
         raise PipelineError(f"no fold of {cfg.experiment!r} has best.pt; adversarial validation needs the trained "
                             "models (train first, or run with --no-adversarial)")
     fold_auc, parts = {}, []
-    for k in tqdm(ks, desc="adversarial validation", disable=not progress, leave=False):
+    for k in bar(ks, enabled=progress, desc="adversarial validation", leave=False):
         model, train_cfg, _, _ = load_fold_model(cfg, k, device)
         transform = eval_transform(train_cfg.train.img_size, train_cfg.train.augment)
         val = images[oof_folds == k]
