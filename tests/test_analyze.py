@@ -163,6 +163,7 @@ def test_blend_and_bad_requests(make_cfg, known_oof):
     assert result.summary["accuracy"] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # four passes of a CNN over the test set: seconds that the fast suite cannot spare
 def test_adversarial_validation_sees_a_planted_shift(make_cfg, digits_copy):
     """Test images inverted (white ink on black) are told from train; the untouched competition is not."""
     import cv2
