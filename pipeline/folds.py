@@ -318,7 +318,9 @@ def _read_folds(path: Path) -> pd.DataFrame:
 
 def training_rows(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The rows fold ``fold`` trains on: every other fold (and -1), without the excluded images."""
-    return folds[(folds["fold"] != fold) & ~folds["excluded"]].reset_index(drop=True)
+    # A table built without label fixes (by hand, in a test or a notebook) excludes nothing.
+    excluded = folds["excluded"].astype(bool) if "excluded" in folds.columns else False
+    return folds[(folds["fold"] != fold) & ~excluded].reset_index(drop=True)
 
 
 def training_fingerprint(folds: pd.DataFrame, fold: int) -> str:
