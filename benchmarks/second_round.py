@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         bench.blend("finetune 48 px (resnet10t)", ["r2_finetune"])
         if not args.train_only:
             bench.views("r2_finetune")
+    if "round2" in levers:
+        # The README's path (configs/digits_round2.yaml): one student with pseudo-labels and distillation.
+        bench.train("r2_round2", "pseudo.from=[r1_resnet10t, r1_resnet18]", "pseudo.threshold=0.9",
+                    "distill.teacher=[r1_resnet10t, r1_resnet18]", "distill.alpha=0.5", "distill.temperature=2.0")
+        bench.blend("student: pseudo + distill", ["r2_round2"])
+        bench.blend("round 2 path (hill_climb)", first + ["r2_round2"], "ensemble.method=hill_climb")
     if "round2" in levers and students:
         bench.blend("round 2 blend (hill_climb)", first + students, "ensemble.method=hill_climb")
         bench.blend("round 2 blend (optimize)", first + students)
