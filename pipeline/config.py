@@ -234,6 +234,9 @@ class TrainConfig(Section):
     compile: bool = False
     sync_bn: bool = False
     early_stopping_patience: int = Field(0, ge=0)
+    # wall time of the whole pipeline.run of the experiment ("15m", "1h30m", "90s"): the epochs are
+    # chosen from a timed epoch so that every fold, prediction and TTA fit (engine/budget.py)
+    time_budget: str | None = None
     num_workers: int = Field(0, ge=0)
     cache_images: bool = True
     # false: drop last.pt (optimizer state and both weight copies) once the fold is complete; best.pt
@@ -241,6 +244,14 @@ class TrainConfig(Section):
     keep_last: bool = True
     augment: AugmentConfig = AugmentConfig()
     swa: SwaConfig = SwaConfig()
+
+    @field_validator("time_budget")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        from pipeline.engine.budget import parse_duration
+
+        parse_duration(v)
+        return v
 
     @field_validator("img_size")
     @classmethod

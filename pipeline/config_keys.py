@@ -43,6 +43,7 @@ KEYS: dict[str, str] = {
     "train.cache_images": NO_RETRAIN,   # the same pixels, decoded once
     "train.compile": NO_RETRAIN,        # the same graph, compiled
     "train.keep_last": NO_RETRAIN,      # whether last.pt is kept after the fold is complete
+    "train.time_budget": RETRAIN,       # it picks the epochs
     # --- classification
     "dedup": RETRAIN,                   # which images are grouped, hence the folds
     "dedup.workers": NO_RETRAIN,

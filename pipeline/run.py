@@ -76,6 +76,7 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
     """
     from pipeline.data import load_competition
     from pipeline.data.cache import resolve_size
+    from pipeline.engine.budget import parse_duration, start_run_clock
     from pipeline.engine.distributed import barrier, init_distributed
     from pipeline.ensemble import ensure_submission, format_table
     from pipeline.experiments import Members, announce_members, choose_members
@@ -120,9 +121,14 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
 
     t = time.time()
     trained, skipped = [], []
-    for run in members or [cfg]:
+    budget_s = parse_duration(cfg.train.time_budget)
+    for i, run in enumerate(members or [cfg]):
         if dist.is_main and members:
             mark_member(cfg, run)
+        if dist.is_main and budget_s:  # this run's folds share its part of what is left of the budget
+            left = (budget_s - (time.time() - start)) / (len(members or [cfg]) - i)
+            start_run_clock(max(left, 1.0), paths.run_dir(run),
+                            [k for k in ks if not fold_is_current(run, k, folds)[0]])
         for k in ks:
             current, reason = fold_is_current(run, k, folds)
             if current:

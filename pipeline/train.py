@@ -34,6 +34,7 @@ from pipeline.data import ImageDataset, ImageReadError, load_competition
 from pipeline.data.competition import save_classes
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.engine.amp import resolve_amp
+from pipeline.engine.budget import EpochBudget, fold_budget, parse_duration, retarget_scheduler
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from pipeline.engine.fit import FitSpec, FitState, Parts, Validation, fit, restore
@@ -321,7 +322,23 @@ def _fold_data(cfg: Config, fold: int, info: DistInfo):
         raise PipelineError(f"--fold {fold}: {paths.folds_csv(cfg)} has folds {known}; choose one of them "
                             "(folds.k sets how many)")
     comp = load_competition(cfg.competition)
-    return folds, list(comp.classes), comp.root, reader
+    return folds, list(comp.classes), comp.root, reader, len(comp.test)
+
+
+def _fold_budget(cfg: Config, fold: int, n_val: int, n_test: int, verbose: bool) -> EpochBudget | None:
+    """``train.time_budget`` for this fold (see ``engine/budget.py``); what follows its training is
+    predicting its OOF and test images with every TTA view, estimated from a validation pass."""
+    views = max(1, len(cfg.tta))
+
+    def reserve(val_s: float) -> float:
+        return val_s * (1 + n_test / max(1, n_val)) * views
+
+    def done(k: int, since: float) -> bool:
+        m = paths.fold_dir(cfg, k) / paths.METRICS
+        return m.is_file() and m.stat().st_mtime >= since
+
+    return fold_budget(parse_duration(cfg.train.time_budget), paths.run_dir(cfg), fold, done, cfg.train.epochs,
+                       reserve, f"train: fold {fold}", verbose)
 
 
 def _no_last_pt(cfg: Config, fold: int, option: str) -> PipelineError:
@@ -455,7 +472,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
     info = init_distributed(cfg.device)
     cfg = resolve_training_config(cfg, quiet=not info.is_main)
     t = cfg.train
-    folds, classes, root, reader = _fold_data(cfg, fold, info)
+    folds, classes, root, reader, n_test = _fold_data(cfg, fold, info)
     if resume and extend:
         raise PipelineError("--resume and --extend do not go together: --resume finishes an interrupted fold, "
                             "--extend adds epochs to a finished one")
@@ -534,10 +551,13 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
             swa.save(paths.fold_dir(cfg, fold) / paths.SWA)  # before last.pt: a resume never adds an epoch twice
         return stats
 
+    n_updates = updates_per_epoch(len(train_loader), t.accum_steps)
     spec = FitSpec(epochs=t.epochs, out_dir=paths.fold_dir(cfg, fold),
                    meta={"config": cfg.to_dict(), "classes": classes, "metric": cfg.competition.metric,
                          "train_rows_sha256": training_fingerprint(folds, fold)},
-                   history_columns=HISTORY_COLUMNS, patience=t.early_stopping_patience, name=f"train: fold {fold}")
+                   history_columns=HISTORY_COLUMNS, patience=t.early_stopping_patience, name=f"train: fold {fold}",
+                   budget=_fold_budget(cfg, fold, len(val_rows), n_test, info.is_main),
+                   on_plan=lambda n: retarget_scheduler(scheduler, n, n_updates))
     ok = False
     try:
         fit(parts, state, spec, info, train_epoch=train_epoch,

@@ -74,8 +74,7 @@ def test_retarget_and_run_clock(tmp_path):
     clock = RunClock(started=1000.0, seconds=600, folds=[0, 1, 2], lanes=1)
     clock.write(tmp_path)
     back = RunClock.read(tmp_path)
-    assert back == clock and back.active(600, now=1100) and not back.active(300, now=1100)
-    assert not back.active(600, now=1700)
+    assert back == clock and back.active(now=1100) and not back.active(now=1700) and not back.active(now=900)
     assert back.fold_share(0, 3, now=1060) == pytest.approx(180)  # 540 s left over 3 folds
     assert RunClock(1000.0, 600, [0, 1, 2, 3], lanes=2).fold_share(0, 4, now=1000) == pytest.approx(300)
 
@@ -100,3 +99,51 @@ def test_detection_training_keeps_to_its_budget(tmp_path, capsys):
     assert result["epochs_run"] == 1 and result["best_epoch"] == 0
     assert result["time_budget_s"] == 0.5 and result["time_budget_notes"] == ["time budget cut 3 epochs to 1"]
     assert "planning 1 epoch(s) (train.epochs=3, CUT)" in capsys.readouterr().out
+
+
+def test_fit_under_a_budget_cuts_epochs_on_a_slow_fake(tmp_path):
+    """engine.fit with a fake training whose epochs take 40 fake seconds: a 5-minute budget runs
+    7 epochs of the 30 configured, stretches the cosine to end there, keeps the best epoch's score."""
+    import torch
+    from timm.scheduler import CosineLRScheduler
+
+    from pipeline.engine.budget import retarget_scheduler
+    from pipeline.engine.distributed import DistInfo
+    from pipeline.engine.fit import FitSpec, FitState, Parts, Validation, fit
+    from pipeline.engine.loop import TrainStats
+
+    clock = FakeClock()
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = CosineLRScheduler(opt, t_initial=30 * 10, lr_min=0.0, t_in_epochs=False)
+    parts = Parts(model, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False))
+    lrs: list[float] = []
+
+    def train_epoch(epoch: int, num_updates: int) -> TrainStats:
+        for _ in range(10):  # 10 updates of 3.5 fake seconds
+            num_updates += 1
+            sched.step_update(num_updates)
+            clock.now += 3.5
+        lrs.append(opt.param_groups[0]["lr"])
+        return TrainStats({"loss": 1.0}, opt.param_groups[0]["lr"], 10, 35.0, num_updates)
+
+    def evaluate(epoch: int) -> Validation:
+        clock.now += 5.0
+        score = [0.1, 0.5, 0.3, 0.6, 0.55, 0.4, 0.2][min(epoch, 6)]
+        return Validation((score,), score, {"val": score})
+
+    budget = EpochBudget(seconds=300, configured=30, clock=clock, reserve=lambda v: v)
+    budget.start()
+    spec = FitSpec(epochs=30, out_dir=tmp_path, meta={}, history_columns=["epoch", "train_loss", "val", "lr"],
+                   budget=budget, on_plan=lambda n: retarget_scheduler(sched, n, 10))
+
+    class _Run:
+        def log(self, *a, **k):
+            pass
+
+    state = fit(parts, FitState(), spec, DistInfo(), train_epoch=train_epoch, evaluate=evaluate, wandb_run=_Run())
+    # 300 s less one 5 s validation kept back, at 40 s an epoch: 7 epochs, finished, within the budget
+    assert state.epoch == 7 and state.finished and state.planned_epochs == 7 and clock.now <= 300
+    assert state.best_epoch == 3 and state.best_metric == 0.6
+    assert budget.notes == ["time budget cut 30 epochs to 7"]
+    assert lrs[-1] < 0.05  # the cosine was stretched to end at epoch 7, not 30

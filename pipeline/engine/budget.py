@@ -159,10 +159,10 @@ class RunClock:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def active(self, seconds: float, now: float | None = None) -> bool:
-        """Whether this is the clock of a run in progress under the same budget."""
+    def active(self, now: float | None = None) -> bool:
+        """Whether this is the clock of a run still in progress (a stale file has run out)."""
         now = time.time() if now is None else now
-        return abs(self.seconds - seconds) < 1e-6 and self.started <= now < self.started + self.seconds
+        return self.started <= now < self.started + self.seconds
 
     def fold_share(self, fold: int, folds_left: int, now: float | None = None) -> float:
         """Seconds for one fold: what is left of the run, split over the folds still to train
@@ -186,7 +186,7 @@ def fold_budget(seconds: float | None, run_dir: Path, fold: int, fold_done: Call
     if seconds is None:
         return None
     clock = RunClock.read(run_dir)
-    if clock is not None and clock.active(seconds):
+    if clock is not None and clock.active():
         left = [k for k in clock.folds if k == fold or not fold_done(k, clock.started)]
         share = clock.fold_share(fold, len(left))
         where = f"its share of the run's {fmt(seconds)} ({len(left)} fold(s) left)"

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from pipeline import paths, progress
+from pipeline.engine.budget import EpochBudget
 from pipeline.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
 from pipeline.engine.distributed import DistInfo, all_gather_object, broadcast_from_main
 from pipeline.engine.loop import TrainStats
@@ -62,6 +63,8 @@ class FitSpec:
     eval_every: int = 1
     time_limit_s: float | None = None  # stop after the first evaluated epoch past this training time
     name: str = "train"           # for messages ("fold 0")
+    budget: EpochBudget | None = None  # train.time_budget: chooses ``epochs`` from timed epochs
+    on_plan: Callable[[int], None] | None = None  # told the new epoch count (to stretch the schedule)
 
 
 @dataclass
@@ -80,12 +83,13 @@ class FitState:
     wandb_id: str | None = None
     finished: bool = False
     stop_reason: str = ""
+    planned_epochs: int | None = None  # chosen by a time budget; a resumed run keeps its schedule
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {"history": self.history, "num_updates": self.num_updates, "bad_epochs": self.bad_epochs,
                 "best_score": self.best_score, "best_epoch": self.best_epoch, "best_metric": self.best_metric,
                 "best_keep": self.best_keep, "train_time_s": self.train_time_s, "wandb_id": self.wandb_id,
-                "finished": self.finished, "stop_reason": self.stop_reason}
+                "finished": self.finished, "stop_reason": self.stop_reason, "planned_epochs": self.planned_epochs}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> FitState:
@@ -95,7 +99,7 @@ class FitState:
                    best_epoch=int(ckpt["best_epoch"]), best_metric=float(ckpt["best_metric"]),
                    best_keep=dict(ckpt.get("best_keep") or {}), train_time_s=float(ckpt.get("train_time_s", 0.0)),
                    wandb_id=ckpt.get("wandb_id"), finished=bool(ckpt.get("finished")),
-                   stop_reason=str(ckpt.get("stop_reason", "")))
+                   stop_reason=str(ckpt.get("stop_reason", "")), planned_epochs=ckpt.get("planned_epochs"))
 
 
 def _cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -175,19 +179,29 @@ def fit(parts: Parts, state: FitState, spec: FitSpec, info: DistInfo, *,
         NonFiniteLossError: from ``train_epoch``; last.pt then holds the last finished epoch.
     """
     spec.out_dir.mkdir(parents=True, exist_ok=True) if info.is_main else None
-    for epoch in range(state.epoch, spec.epochs):
-        t0 = time.perf_counter()
+    budget = spec.budget
+    clock = budget.clock if budget is not None else time.perf_counter
+    if budget is not None and state.planned_epochs:  # resumed: keep the schedule the budget chose
+        budget.planned, budget.frozen = state.planned_epochs, True
+        budget.started = clock() - state.train_time_s
+        _replan(spec, state.planned_epochs)
+    epoch = state.epoch
+    while epoch < spec.epochs:
+        t0 = clock()
         stats = train_epoch(epoch, state.num_updates)
         state.num_updates = stats.num_updates
-        evaluated = (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs
+        # under a budget every epoch is validated: its time is measured, and any epoch may turn out the last
+        evaluated = (epoch + 1) % spec.eval_every == 0 or epoch + 1 == spec.epochs or budget is not None
+        t_val = clock()
         val = evaluate(epoch) if evaluated else None
+        val_s = clock() - t_val
         improved = val is not None and (state.best_score is None or tuple(val.score) > tuple(state.best_score))
         if improved:
             state.best_score, state.best_epoch, state.best_metric = list(val.score), epoch, float(val.metric)
             state.best_keep, state.bad_epochs = dict(val.keep), 0
         elif val is not None:
             state.bad_epochs += 1
-        epoch_time = time.perf_counter() - t0
+        epoch_time = clock() - t0
         state.train_time_s += epoch_time
         # Epochs count from 1 in history.csv, metrics.json and on the console alike.
         row = {"epoch": epoch + 1, "train_loss": stats.loss,
@@ -196,8 +210,15 @@ def fit(parts: Parts, state: FitState, spec: FitSpec, info: DistInfo, *,
                "lr": stats.lr, "images_per_s": stats.images_per_s, "epoch_time_s": epoch_time}
         state.history.append({c: row.get(c, math.nan) for c in spec.history_columns})
         state.epoch = epoch + 1
+        if budget is not None:
+            planned, message = budget.after_epoch(state.epoch, epoch_time, val_s)
+            planned, message = broadcast_from_main((planned, message), info)  # rank 0's clock decides
+            if message and info.is_main:
+                progress.line(message)
+            _replan(spec, planned)
+            state.planned_epochs = planned
         state.stop_reason = _stop_reason(state, spec, evaluated, info)
-        state.finished = bool(state.stop_reason) or state.epoch == spec.epochs
+        state.finished = bool(state.stop_reason) or state.epoch >= spec.epochs
         _save(parts, state, spec, info, epoch, improved)
         if info.is_main:
             wandb_run.log({k: v for k, v in state.history[-1].items()
@@ -209,4 +230,12 @@ def fit(parts: Parts, state: FitState, spec: FitSpec, info: DistInfo, *,
             if info.is_main:
                 print(f"{spec.name}: stopped after epoch {epoch + 1}: {state.stop_reason}")
             break
+        epoch += 1
     return state
+
+
+def _replan(spec: FitSpec, epochs: int) -> None:
+    if epochs != spec.epochs:
+        spec.epochs = epochs
+        if spec.on_plan is not None:
+            spec.on_plan(epochs)
