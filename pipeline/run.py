@@ -76,7 +76,7 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
     """
     from pipeline.data import load_competition
     from pipeline.data.cache import resolve_size
-    from pipeline.engine.budget import parse_duration, start_run_clock
+    from pipeline.engine.budget import parse_duration, start_run_clock, stop_run_clock
     from pipeline.engine.distributed import barrier, init_distributed
     from pipeline.ensemble import ensure_submission, format_table
     from pipeline.experiments import Members, announce_members, choose_members
@@ -141,6 +141,8 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
                 f"{cfg.model.backbone} for {cfg.train.epochs} epochs")
             _train_fold(run, k, force=force)
             trained.append(k)
+        if dist.is_main and budget_s:
+            stop_run_clock(paths.run_dir(run))  # a fold trained on its own later has its own clock
         accs = []
         for k in ks:
             m = paths.fold_dir(run, k) / paths.METRICS

@@ -74,7 +74,9 @@ def test_retarget_and_run_clock(tmp_path):
     clock = RunClock(started=1000.0, seconds=600, folds=[0, 1, 2], lanes=1)
     clock.write(tmp_path)
     back = RunClock.read(tmp_path)
-    assert back == clock and back.active(now=1100) and not back.active(now=1700) and not back.active(now=900)
+    # a run past its budget still owns its clock (its last folds get nothing: one epoch) until stale
+    assert back == clock and back.active(now=1100) and back.active(now=1700) and not back.active(now=2300)
+    assert not back.active(now=900) and back.fold_share(1, 2, now=1700) == 0
     assert back.fold_share(0, 3, now=1060) == pytest.approx(180)  # 540 s left over 3 folds
     assert RunClock(1000.0, 600, [0, 1, 2, 3], lanes=2).fold_share(0, 4, now=1000) == pytest.approx(300)
 

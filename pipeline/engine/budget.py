@@ -160,9 +160,11 @@ class RunClock:
             return None
 
     def active(self, now: float | None = None) -> bool:
-        """Whether this is the clock of a run still in progress (a stale file has run out)."""
+        """Whether this is the clock of a run still in progress. ``pipeline.run`` removes it after
+        training; one left by a killed run is stale once it has run out by its whole length again.
+        A run that has overrun its budget leaves its last folds nothing: they train one epoch."""
         now = time.time() if now is None else now
-        return self.started <= now < self.started + self.seconds
+        return self.started <= now < self.started + 2 * self.seconds
 
     def fold_share(self, fold: int, folds_left: int, now: float | None = None) -> float:
         """Seconds for one fold: what is left of the run, split over the folds still to train
@@ -197,6 +199,10 @@ def fold_budget(seconds: float | None, run_dir: Path, fold: int, fold_done: Call
     if verbose:
         print(f"{name}: time budget {fmt(share)}: {where}")
     return budget
+
+
+def stop_run_clock(run_dir: Path) -> None:
+    (run_dir / BUDGET_FILE).unlink(missing_ok=True)
 
 
 def start_run_clock(seconds: float | None, run_dir: Path, folds: list[int], lanes: int = 1,
