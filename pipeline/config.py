@@ -385,6 +385,33 @@ class WandbConfig(Section):
     tags: list[str] = []
 
 
+class SlurmConfig(Section):
+    """submitit's Slurm executor settings: one array job over the folds, one array task per fold."""
+
+    # auto: Slurm where sbatch exists, else submitit's local executor (real subprocesses on this machine).
+    cluster: Literal["auto", "slurm", "local"] = "auto"
+    partition: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0)  # GPUs of one fold's job; None: launcher.gpus_per_fold (0: CPU)
+    cpus_per_task: int = Field(8, ge=1)
+    mem_gb: float = Field(32.0, gt=0)
+    timeout_min: int = Field(240, ge=1)
+    array_parallelism: int = Field(32, ge=1)  # how many folds Slurm runs at once
+    max_requeues: int = Field(3, ge=0)  # times a preempted or timed-out fold is requeued (resuming from last.pt)
+    additional: dict[str, str | int] = {}  # more sbatch options, e.g. {account: myproj, qos: high}
+    setup: list[str] = []  # shell lines run first in each job, e.g. "source .venv/bin/activate"
+    job_name: str | None = None  # default: the experiment
+
+
+class LauncherConfig(Section):
+    """How ``pipeline.run`` runs the folds; none of these keys changes what a fold computes."""
+
+    kind: Literal["local", "submitit"] = "local"
+    parallel: int = Field(1, ge=1)  # local: folds at once (1: one after another in the pipeline.run process)
+    gpus_per_fold: int = Field(1, ge=1)  # > 1: each fold runs DDP under torchrun over that many GPUs
+    threads_per_fold: int | None = Field(None, ge=1)  # CPU threads of each fold; None: the cores / parallel
+    slurm: SlurmConfig = SlurmConfig()
+
+
 class RunConfig(Section):
     """What every run config has, classification and detection alike."""
 
@@ -428,6 +455,7 @@ class Config(RunConfig):
     # Several seeds of this recipe as members of one experiment, averaged before blending.
     seeds: list[int] = []
     cache: CacheConfig = CacheConfig()
+    launcher: LauncherConfig = LauncherConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -30,6 +30,7 @@ KEYS: dict[str, str] = {
     "paths": NO_RETRAIN,
     "wandb": NO_RETRAIN,
     "predict": NO_RETRAIN,              # what happens after training
+    "launcher": NO_RETRAIN,             # how and where the folds run (pipeline/launch.py)
     "competition": RETRAIN,             # the data itself
     "competition.solution": NO_RETRAIN,  # only scores submissions
     "competition.build": NO_RETRAIN,    # whether to build the demo data, not what it holds

@@ -106,3 +106,17 @@ CACHE_FILES = "files"  # cache.format jpeg / png
 def cache_dir(cfg: Any, size: int) -> Path:
     """The resized-image cache of short side ``size`` (written by ``pipeline.prepare``)."""
     return work_dir(cfg) / f"cache_{size}"
+
+
+def fold_lock(cfg: Any, fold: int, seed: int, experiment: str | None = None) -> Path:
+    """The lock of one unit of work (pipeline/locks.py); its holder is in ``<name>.holder.json``."""
+    return run_dir(cfg, experiment) / "locks" / f"seed{seed}-fold{fold}.lock"
+
+
+def launch_dir(cfg: Any, experiment: str | None = None) -> Path:
+    """The launchers' files: the config fold jobs read, one log per fold, submitit's job folders."""
+    return run_dir(cfg, experiment) / "launch"
+
+
+def fold_log(cfg: Any, fold: int, experiment: str | None = None) -> Path:
+    return launch_dir(cfg, experiment) / f"{fold_name(fold)}.log"

@@ -231,8 +231,14 @@ def run_folds(cfg: Config) -> list[int]:
 
 def predict_folds(cfg: Config, folds: list[int] | None = None, force: bool = False,
                   quiet: bool = False) -> dict[int, dict[str, Any]]:
-    """Predict each of ``folds`` (default: all folds of the experiment)."""
-    return {k: predict_fold(cfg, k, force=force, quiet=quiet) for k in (folds if folds is not None else run_folds(cfg))}
+    """Predict each of ``folds`` (default: all folds of the experiment), each while holding its lock."""
+    from pipeline.locks import FoldLock
+
+    out = {}
+    for k in folds if folds is not None else run_folds(cfg):
+        with FoldLock(cfg, k):  # never beside a process that trains or predicts this fold
+            out[k] = predict_fold(cfg, k, force=force, quiet=quiet)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[int, dict[str, Any]]:

@@ -47,14 +47,6 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _train_fold(cfg: Config, fold: int, force: bool = False) -> None:
-    try:
-        from pipeline.train import train_fold
-    except ImportError as exc:
-        raise PipelineError(f"the train stage is not available ({exc}); install the full package") from None
-    train_fold(cfg, fold, force=force)
-
-
 def _chosen_folds(all_folds: list[int], only: list[int] | None) -> list[int]:
     if not only:
         return all_folds
@@ -65,12 +57,13 @@ def _chosen_folds(all_folds: list[int], only: list[int] | None) -> list[int]:
 
 
 def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None = None, partial: bool = False,
-            force: bool = False) -> RunSummary:
+            force: bool = False, wait: bool = True) -> RunSummary:
     """Run every stage of ``cfg.experiment`` in order; see the module docstring.
 
     Args:
         only_folds: train and predict these folds alone (a quick look); no submission then unless
             every fold is complete or ``partial`` (a submission from these folds, named ``*_partial``).
+        wait: with launcher.kind=submitit, False returns once the folds are submitted (``--no-wait``).
         force: replace an experiment of this name trained with other settings instead of keeping it
             as ``runs/<experiment>@<time>/``.
     """
@@ -120,6 +113,8 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
         announce_members(cfg, folds, say=say)
 
     t = time.time()
+    from pipeline.launch import in_process, train_folds
+
     trained, skipped = [], []
     budget_s = parse_duration(cfg.train.time_budget)
     for i, run in enumerate(members or [cfg]):
@@ -129,18 +124,25 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
             left = (budget_s - (time.time() - start)) / (len(members or [cfg]) - i)
             start_run_clock(max(left, 1.0), paths.run_dir(run),
                             [k for k in ks if not fold_is_current(run, k, folds)[0]])
+        todo = []
         for k in ks:
-            current, reason = fold_is_current(run, k, folds)
-            if current:
-                if dist.is_main and sync_validation_labels(run, k, folds):
-                    say(f"        fold {k}: validation labels corrected (competition.relabel) in its oof.csv; "
-                        "nothing it trained on changed, so it is not retrained")
-                skipped.append(k)
-                continue
-            say(f"        train fold {k}{f' of {run.experiment}' if members else ''}: {reason}; training "
-                f"{cfg.model.backbone} for {cfg.train.epochs} epochs")
-            _train_fold(run, k, force=force)
-            trained.append(k)
+            current = fold_is_current(run, k, folds)[0]
+            if current and dist.is_main and sync_validation_labels(run, k, folds):
+                say(f"        fold {k}: validation labels corrected (competition.relabel) in its oof.csv; "
+                    "nothing it trained on changed, so it is not retrained")
+            (skipped if current else todo).append(k)
+        if todo and not in_process(cfg):
+            say(f"        train fold(s) {', '.join(map(str, todo))}{f' of {run.experiment}' if members else ''} "
+                f"with the {cfg.launcher.kind} launcher")
+        # Each fold while holding its lock; launcher.* says where (pipeline/launch.py).
+        launched = train_folds(run, todo, wait=wait, say=say, force=force)
+        trained += launched.trained
+        skipped = sorted(skipped + launched.current)
+        launched.raise_if_failed(run)
+        if launched.pending:
+            say(f"[2/4] train       {run.experiment}: fold(s) {', '.join(map(str, launched.pending))} still queued "
+                "or running (--no-wait); run the same command again to pick them up, predict and blend")
+            return RunSummary(cfg.experiment, {}, None, None, {}, trained, skipped, time.time() - start)
         if dist.is_main and budget_s:
             stop_run_clock(paths.run_dir(run))  # a fold trained on its own later has its own clock
         accs = []
@@ -154,10 +156,13 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
         return RunSummary(cfg.experiment, {}, None, None, {}, trained, skipped, time.time() - start)
 
     t = time.time()
+    from pipeline.locks import FoldLock
+
     infos = {}
     for run in members or [cfg]:
         for k in ks:
-            infos[k] = predict_fold(run, k, quiet=True)
+            with FoldLock(run, k, say=say):  # a fold job of another run may be writing this fold's predictions
+                infos[k] = predict_fold(run, k, quiet=True)
     if members:
         infos = average_members(cfg, members, ks)["folds"]
         say(f"        seeds       {cfg.experiment}: the average of {len(members)} seeds "
@@ -222,10 +227,17 @@ def main(argv: list[str] | None = None) -> RunSummary:
     parser.add_argument("--force", action="store_true",
                         help="replace an experiment of this name trained with other settings (default: it is kept "
                              "as runs/<experiment>@<time>/)")
+    parser.add_argument("--launcher", choices=["local", "submitit"],
+                        help="how the folds are trained (launcher.kind): local processes or a Slurm job array")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="submitit: submit the folds and return; a later run picks up what finished")
     args = parser.parse_args(argv)
+    if args.launcher:
+        args.overrides = [*args.overrides, f"launcher.kind={args.launcher}"]
     cfg = config_from_args(args)
     try:
-        return run_all(cfg, name=args.name, only_folds=args.folds, partial=args.partial, force=args.force)
+        return run_all(cfg, name=args.name, only_folds=args.folds, partial=args.partial, force=args.force,
+                       wait=not args.no_wait)
     finally:
         from pipeline.engine.distributed import DistInfo, cleanup
 

@@ -12,6 +12,7 @@ Outputs in ``runs/<experiment>/``: ``config.yaml``, ``classes.json`` and ``fold<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import random
@@ -702,8 +703,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.extend < 0:
         parser.error("--extend takes a positive number of epochs")
     cfg = config_from_args(args)
+    from pipeline.locks import FoldLock
+
+    # One lock per fold, held by rank 0 for all ranks: another process on this fold is waited for.
+    lock = FoldLock(cfg, args.fold) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
-        return train_fold(cfg, args.fold, resume=args.resume, force=args.force, extend=args.extend)
+        with lock:
+            return train_fold(cfg, args.fold, resume=args.resume, force=args.force, extend=args.extend)
     finally:
         cleanup(DistInfo(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
 
