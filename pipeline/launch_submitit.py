@@ -198,7 +198,7 @@ def run_submitit(cfg: Config, folds: list[int], wait: bool = True, say: Say = pr
     for k in folds:
         if k in earlier:
             jobs[k] = earlier[k]
-            say(f"        fold {k}: job {earlier[k].job_id} of an earlier run is {_state(earlier[k])}; waiting for it")
+            say(f"        fold {k}: job {earlier[k].job_id} of an earlier run is {_state(earlier[k])}; not submitted again")
         elif (holder := lock_holder(cfg, k)) is not None:
             elsewhere[k] = holder
             say(f"        fold {k} is being worked on by {holder}; not submitted")

@@ -166,6 +166,54 @@ def test_local_launcher_reports_a_failed_fold_and_finishes_the_other(small_root,
     assert not (tmp_path / "submissions").exists()
 
 
+# --------------------------------------------------------------------------- Slurm, without a cluster
+FAKE_SBATCH = """#!/bin/sh
+cat "$1" > "$FAKE_SLURM/script.sh"
+echo "$@" >> "$FAKE_SLURM/calls"
+echo "Submitted batch job 4242"
+"""
+
+
+def test_slurm_array_from_the_launcher_settings_and_pickup(make_cfg, tmp_path, monkeypatch):
+    """With sbatch/srun/sacct stand-ins on PATH, submitit writes the real sbatch script of the array;
+    a second run finds the queued jobs in jobs.json and does not submit them again."""
+    pytest.importorskip("submitit")
+    from pipeline.launch_submitit import run_submitit
+
+    fake = tmp_path / "slurm"
+    (fake / "bin").mkdir(parents=True)
+    for name, text in {"sbatch": FAKE_SBATCH, "srun": "#!/bin/sh\nexit 0\n",
+                       "sacct": '#!/bin/sh\ncat "$FAKE_SLURM/sacct.txt"\n'}.items():
+        (fake / "bin" / name).write_text(text)
+        (fake / "bin" / name).chmod(0o755)
+    (fake / "sacct.txt").write_text("JobID|State|NodeList\n4242_0|RUNNING|node1\n4242_1|PENDING|None\n")
+    monkeypatch.setenv("PATH", f"{fake / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(fake))
+    cfg = make_cfg("folds.k=2", "launcher.kind=submitit", "launcher.slurm.cluster=slurm",
+                   "launcher.slurm.partition=gpu", "launcher.gpus_per_fold=2", "launcher.slurm.array_parallelism=1",
+                   "launcher.slurm.timeout_min=600", "launcher.slurm.additional={account: myproj}",
+                   "launcher.slurm.setup=[source .venv/bin/activate]")
+    said: list[str] = []
+    with contextlib.redirect_stdout(io.StringIO()) as board:
+        result = run_submitit(cfg, [0, 1], wait=False, say=said.append)
+    assert result.pending == [0, 1] and not result.failed
+    script = (fake / "script.sh").read_text()
+    for line in ("--array=0-1%1", "--partition=gpu", "--gpus-per-node=2", "--ntasks-per-node=2", "--time=600",
+                 "--account=myproj", "--signal=USR2", "--cpus-per-task=8"):
+        assert line in script, line
+    assert "source .venv/bin/activate" in script
+    assert "fold 0: running (job 4242_0)" in board.getvalue() and "fold 1: pending (job 4242_1)" in board.getvalue()
+    assert {v["job_id"] for v in read_json(paths.launch_dir(cfg) / "submitit" / "jobs.json").values()} == {
+        "4242_0", "4242_1"}
+
+    said.clear()
+    with contextlib.redirect_stdout(io.StringIO()):
+        again = run_submitit(cfg, [0, 1], wait=False, say=said.append)
+    assert again.pending == [0, 1]
+    assert len((fake / "calls").read_text().splitlines()) == 1  # nothing submitted twice
+    assert any("job 4242_1 of an earlier run is pending; not submitted again" in s for s in said)
+
+
 # --------------------------------------------------------------------------- same results as one process
 @pytest.fixture(scope="module")
 def sequential(small_root, tmp_path_factory):
