@@ -154,7 +154,7 @@ def run_in_process(cfg: Config, folds: list[int], say: Say = print, force: bool 
             if outcome != "busy":
                 break
             others = [j for j in pending if j != k]
-            if others:
+            if others and int(os.environ.get("RANK", "0")) == 0:  # only rank 0 probes locks
                 say(f"        fold {k} is being worked on by {lock_holder(cfg, k) or 'another process'}; "
                     f"moving on to fold {others[0]}")
         else:
