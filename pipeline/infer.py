@@ -17,6 +17,7 @@ every weight file into this machine's torch and timm and runs one batch (the not
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import sys
 import time
@@ -88,24 +89,31 @@ def preprocess_key(train_cfg: Config) -> tuple:
 
 def cache_size(train_cfg: Config) -> int | None:
     """The short side a training image cache resized to (``cache.size``), None without a cache."""
-    size = getattr(getattr(train_cfg, "cache", None), "size", None)
-    return int(size) if size else None
+    from pipeline.data.cache import resolve_size
+
+    cache = getattr(train_cfg, "cache", None)
+    return resolve_size(cache, train_cfg.train) if cache is not None else None
 
 
 def member_transform(train_cfg: Config):
     """The eval transform training validated with, after the cache's resize when one was used."""
     import albumentations as A
-    import cv2
 
     from pipeline.data.transforms import eval_transform
 
     tf = eval_transform(train_cfg.train.img_size, train_cfg.train.augment)
-    size = cache_size(train_cfg)
-    if size:
-        # Training read images the cache had shrunk (short side to cache.size): the raw hidden test
-        # images must go through the same resize before the eval transform.
-        tf = A.Compose([A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_AREA), *tf.transforms])
+    if cache_size(train_cfg):
+        # Training read the images the cache held (short side shrunk, re-encoded for a jpeg cache): the
+        # raw hidden test images go through the cache's own preprocess() first, so the pixels match.
+        step = A.Lambda(image=functools.partial(_as_cached, cache=train_cfg.cache, train=train_cfg.train))
+        tf = A.Compose([step, *tf.transforms])
     return tf
+
+
+def _as_cached(image: np.ndarray, cache, train, **_) -> np.ndarray:
+    from pipeline.data.cache import preprocess
+
+    return preprocess(image, cache, train)
 
 
 def load_models(root: Path, spec: dict[str, Any], device: torch.device) -> list[FoldModel]:

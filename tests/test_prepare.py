@@ -197,3 +197,24 @@ def test_run_trains_and_predicts_from_the_cache_alone(small_digits, capsys):
     for name in ("oof.csv", "test.csv"):
         for a, b in zip(_fold_outputs(plain, name), _fold_outputs(cached, name)):
             pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "memmap"])
+def test_infer_sees_the_pixels_training_read_from_the_cache(tmp_path, odd_comp, fmt):
+    # A package's inference reads raw hidden-test images: its transform must give the tensor the eval
+    # transform gives on the cached image (for a jpeg cache that includes the re-encode, not only the resize).
+    import pickle
+
+    from pipeline.data.transforms import eval_transform
+    from pipeline.infer import cache_size, member_transform
+
+    cfg = _cfg(tmp_path, odd_comp, "cache.size=30", f"cache.format={fmt}", "train.img_size=24")
+    build_cache(cfg, progress=False)
+    reader = image_reader(cfg, odd_comp)
+    assert cache_size(cfg) == 30
+    tf = pickle.loads(pickle.dumps(member_transform(cfg)))  # DataLoader workers get a pickled copy
+    plain = eval_transform(cfg.train.img_size, cfg.train.augment)
+    for k in range(len(SHAPES)):
+        orig = odd_comp / f"images/{k}.{'jpg' if k == len(SHAPES) - 1 else 'png'}"
+        np.testing.assert_array_equal(tf(image=read_image(orig))["image"].numpy(),
+                                      plain(image=reader(orig))["image"].numpy())
