@@ -21,7 +21,7 @@ test), then:
    close to each other (a chain a~b~c with a !~ c) is reported as chained;
 5. per group: labels seen, ``conflict`` when train labels disagree, train/test overlap.
 
-Outputs (design.md): ``work/<comp>/dedup.csv`` (image, split, group, exact_group, near_group,
+Outputs (README, "Files between stages"): ``work/<comp>/dedup.csv`` (image, split, group, exact_group, near_group,
 conflict, then label, group_size, phash), ``dedup_report.json`` and ``dedup_sheet.png`` (the
 conflicting, overlapping and largest groups). The training policy (``dedup.policy``,
 ``dedup.conflicts``) is applied by the folds stage; test images are reported, never changed.

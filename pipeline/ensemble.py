@@ -35,6 +35,7 @@ from pipeline.experiments import discover_experiments as discover_experiments  #
 from pipeline.io import read_json
 from pipeline.label_fixes import submission_record
 from pipeline.metrics import accuracy, log_loss
+from pipeline.provenance import data_fingerprint, provenance
 
 ENSEMBLE_RUN_DIR = "_ensemble"  # W&B records of blends; not an experiment (it has no config.yaml)
 
@@ -437,6 +438,7 @@ def _meta(cfg: Config, exps: list[ExperimentPredictions], weights: dict[str, flo
         "fingerprint": fingerprint,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "label_fixes": submission_record(cfg, [e.name for e in exps], lambda n: saved_config(cfg, n)),
+        "provenance": provenance(data=data_fingerprint(cfg)),
     }
 
 

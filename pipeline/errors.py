@@ -1,6 +1,7 @@
 """User-facing errors and the command-line wrapper that prints them without a traceback."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -21,4 +22,10 @@ def cli_entry(fn: Callable[[list[str] | None], object], argv: list[str] | None =
     except KeyboardInterrupt:
         print("interrupted; completed outputs are kept and the run can be resumed", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `python -m pipeline.compare | head`: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's last flush does not raise (and print a traceback) again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     return 0

@@ -12,7 +12,7 @@ duplicate groups: images linked by either share a group, so no group of either k
 the folds are assigned from the labels as given, so fold ids never move: ``label`` holds the
 corrected label and ``excluded`` marks images training skips (validation keeps them).
 
-Outputs (design.md): ``work/<comp>/folds.csv`` (image, label, group, fold, excluded) and
+Outputs (README, "Files between stages"): ``work/<comp>/folds.csv`` (image, label, group, fold, excluded) and
 ``work/<comp>/folds.json`` (the settings and input fingerprint that made it, and the label fixes).
 
 A class whose images form a single duplicate group cannot be both trained on and validated:

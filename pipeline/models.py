@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import types
 from pathlib import Path
 
 import timm
@@ -85,6 +86,25 @@ def create_classifier(model_cfg: ModelConfig, num_classes: int) -> torch.nn.Modu
         ) from None
     if isinstance(source, Path):
         _check_file_matched(model, source)
+    return head_in_fp32(model)
+
+
+def _fp32_forward(self: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return type(self).forward(self, x.float(), *args, **kwargs)
+
+
+def head_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """Run the classification head in float32 even under autocast.
+
+    Under bf16 autocast the logits would be rounded to 8 bits of mantissa, and with them the OOF
+    probabilities, the log loss that picks the best epoch and the ensemble weights chosen on them.
+    The head is a small share of the compute. The forward is bound as a method (not a closure) so
+    that a deep copy, such as the EMA's, runs its own head.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters()):
+        head.forward = types.MethodType(_fp32_forward, head)
     return model
 
 

@@ -31,6 +31,7 @@ from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.metrics import accuracy, log_loss
+from pipeline.provenance import data_fingerprint, provenance
 from pipeline.tta import build_views, flips_allowed, merge_log_probs, predict_views
 
 PREDICT_VERSION = 1
@@ -210,6 +211,7 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
         "dropped_views": dropped,
         "oof_acc_per_view": per_view,
         "settings": _settings(cfg, train_cfg, d / paths.BEST, comp.test["image"].tolist()),
+        "provenance": provenance(device=device, data=data_fingerprint(cfg)),
     }
     atomic_write_json(d / paths.PREDICT, info)
     if not quiet:

@@ -152,7 +152,8 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
         say(f"[2/4] train       {run.experiment}: {len(trained)} fold(s) trained, {len(skipped)} up to date; "
             f"fold val acc {' '.join(f'{a:.4f}' for a in accs)} ({_fmt_time(time.time() - t)})")
     if not dist.is_main:
-        barrier(dist)
+        # Released now rather than held in a barrier while rank 0 predicts and blends (minutes on a
+        # large test set, past NCCL's watchdog); torchrun waits for every process anyway.
         return RunSummary(cfg.experiment, {}, None, None, {}, trained, skipped, time.time() - start)
 
     t = time.time()
@@ -197,7 +198,6 @@ def run_all(cfg: Config, name: str | None = None, only_folds: list[int] | None =
     else:
         say(f"[4/4] ensemble    up to date: {sub_path} (from the same predictions and settings)")
     say(format_table(result.table))
-    barrier(dist)
 
     wall = time.time() - start
     blend = cv.get("blend", {})

@@ -6,7 +6,7 @@ is not K and validates on fold K (folds/dedup run first when missing). Under
 writes files and talks to W&B.
 
 Outputs in ``runs/<experiment>/``: ``config.yaml``, ``classes.json`` and ``fold<K>/`` with
-``best.pt``, ``last.pt``, ``history.csv``, ``oof.csv`` and ``metrics.json`` (design.md).
+``best.pt``, ``last.pt``, ``history.csv``, ``oof.csv`` and ``metrics.json`` (README, "Files between stages").
 ``--resume`` continues from ``fold<K>/last.pt`` and ends where an uninterrupted run would.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import copy
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 import yaml
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from pipeline import paths
 from pipeline.config import Config, add_config_args, config_from_args, save_config
@@ -37,7 +36,7 @@ from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.engine.amp import resolve_amp
 from pipeline.engine.budget import EpochBudget, fold_budget, parse_duration, retarget_scheduler
 from pipeline.engine.checkpoint import load_checkpoint
-from pipeline.engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from pipeline.engine.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
 from pipeline.engine.fit import FitSpec, FitState, Parts, Validation, fit, restore
 from pipeline.engine.loop import (
     EvalResult,
@@ -49,7 +48,8 @@ from pipeline.engine.loop import (
     validate,
 )
 from pipeline.engine.optim import create_optimizer, create_scheduler, updates_per_epoch
-from pipeline.engine.seed import cudnn_autotune, seed_everything
+from pipeline.engine.sampling import SeededAugment, epoch_sampler, seed_epoch
+from pipeline.engine.seed import cudnn_autotune, seed_everything, seed_worker
 from pipeline.engine.swa import Swa, swa_start_epoch
 from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
@@ -59,6 +59,7 @@ from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.metrics import accuracy, log_loss
 from pipeline.models import create_classifier
 from pipeline.progress import bar
+from pipeline.provenance import data_fingerprint, provenance
 from pipeline.soft_training import (
     PackedTargetDataset,
     SoftRows,
@@ -72,61 +73,6 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_acc", "ema_val_loss",
 
 
 # --------------------------------------------------------------------------- data
-class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` from a ``DistributedSampler`` so that the dataset can seed each
-    image's augmentation by (seed, epoch, index)."""
-
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler = sampler
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((index, self.epoch) for index in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class SeededAugment(Dataset):
-    """An :class:`ImageDataset` whose item ``(index, epoch)`` is augmented with generators seeded by
-    (seed, epoch, index).
-
-    albumentations 2 keeps its own random generators, which the global seeds do not reach and which
-    every DataLoader worker would otherwise copy. Seeding per image makes an epoch's augmentation
-    the same whatever the number of workers, with persistent workers, and after ``--resume``.
-    """
-
-    def __init__(self, dataset: ImageDataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
-        rng = np.random.default_rng([self.seed, epoch, index])
-        self.dataset.transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
-        return self.dataset[index]
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: numpy and random seeded from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def seed_epoch(loader: DataLoader, epoch: int) -> None:
-    """Start epoch ``epoch``: its shuffling and augmentation depend on (seed, epoch, rank) alone,
-    which is what lets ``--resume`` reproduce the uninterrupted run exactly."""
-    loader.sampler.set_epoch(epoch)
-
-
 def _preload(dataset: ImageDataset, images: list[str], what: str, show: bool) -> None:
     dataset.cache = True
     for i in bar(range(len(dataset)), desc=f"caching {what} images", leave=False, enabled=show):
@@ -177,8 +123,7 @@ def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, class
         _preload(train_ds, train_names, "train", info.is_main)
         _preload(val_ds, list(val_rows["image"]), "validation", info.is_main)
 
-    sampler = EpochSampler(DistributedSampler(train_ds, num_replicas=info.world_size, rank=info.rank,
-                                              shuffle=True, seed=cfg.seed))
+    sampler = epoch_sampler(train_ds, cfg.seed, info.rank, info.world_size)
     common = {"num_workers": t.num_workers, "pin_memory": info.device.type == "cuda",
               "worker_init_fn": seed_worker, "generator": torch.Generator().manual_seed(cfg.seed + info.rank),
               "persistent_workers": t.num_workers > 0}
@@ -652,12 +597,11 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
     used_ema = bool(ckpt["used_ema"]) and swa is None
     index = {c: i for i, c in enumerate(classes)}
     targets = val_rows["label"].map(index).to_numpy()
-    p_true = np.clip(probs[np.arange(len(targets)), targets], 1e-15, 1.0)
     metrics = {
         "experiment": cfg.experiment, "fold": fold, "backbone": cfg.model.backbone, "img_size": cfg.train.img_size,
         "epochs_run": len(history), "best_epoch": int(ckpt["best_epoch"]) + 1,  # counted from 1, as history.csv
-        "val_acc": float((probs.argmax(1) == targets).mean()),
-        "val_loss": float(-np.log(p_true).mean()),
+        "val_acc": accuracy(probs, targets),
+        "val_loss": log_loss(probs, targets),
         "used_ema": used_ema,
         "n_train": int(n_train if n_train is not None else len(training_rows(folds, fold))),
         # What the fold trained on (labels included): run retrains only folds whose training rows a
@@ -668,6 +612,8 @@ def _finish_fold(cfg: Config, fold: int, ckpt: dict[str, Any], folds: pd.DataFra
         "images_per_s": float(history["images_per_s"].mean()),
         "complete": True,
         "config": ckpt["config"],  # what fold_is_current compares (config.yaml is the experiment's latest)
+        "provenance": provenance(device=resolve_device(cfg.device), data=data_fingerprint(cfg),
+                                 world_size=int(ckpt.get("world_size", 1))),
     }
     if swa is not None:
         # The same run's best epoch (its EMA weights when train.ema is on) beside the SWA model.

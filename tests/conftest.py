@@ -25,6 +25,40 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def digits_dedup(digits_root, tmp_path_factory):
+    """Dedup of the embedded default, run once per session (the full dedup is among the slowest
+    steps of the suite); returns (cfg, dedup table, report). Read-only: copy with ``seed_dedup``."""
+    import json
+
+    from pipeline import paths
+    from pipeline.config import load_config
+    from pipeline.dedup import run_dedup
+
+    work = tmp_path_factory.mktemp("dedup_work")
+    cfg = load_config(REPO / "configs" / "default.yaml", [f"paths.work={work}", f"competition.root={digits_root}",
+                                                          "wandb.mode=disabled"])
+    out = run_dedup(cfg, quiet=True)
+    return cfg, out, json.loads(paths.dedup_report(cfg).read_text())
+
+
+@pytest.fixture
+def seed_dedup(digits_dedup):
+    """``seed_dedup(cfg)``: put the session's dedup outputs of the embedded default into ``cfg``'s
+    work folder, so that folds (and training) do not run dedup of the same images again."""
+    from pipeline import paths
+
+    def _seed(cfg):
+        src, dst = paths.work_dir(digits_dedup[0]), paths.work_dir(cfg)
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name.startswith("dedup"):
+                shutil.copy2(f, dst / f.name)
+        return cfg
+
+    return _seed
+
+
 @pytest.fixture
 def digits_copy(digits_root, tmp_path) -> Path:
     """A private, writable copy of the digits competition (with its private folder beside it)."""

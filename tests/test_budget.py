@@ -98,7 +98,7 @@ def test_detection_training_keeps_to_its_budget(tmp_path, capsys):
         f"paths.runs={tmp_path / 'runs'}", "model.img_size=64", "train.epochs=3", "train.batch_size=8",
         "predict.batch_size=8", "train.time_budget=0.5s"], schema=DetectConfig)
     result = train(cfg)
-    assert result["epochs_run"] == 1 and result["best_epoch"] == 0
+    assert result["epochs_run"] == 1 and result["best_epoch"] == 1  # counted from 1, as history.csv
     assert result["time_budget_s"] == 0.5 and result["time_budget_notes"] == ["time budget cut 3 epochs to 1"]
     assert "planning 1 epoch(s) (train.epochs=3, CUT)" in capsys.readouterr().out
 

@@ -253,7 +253,7 @@ def test_wandb_offline_runs_are_read_without_network(make_cfg):
 
 
 @pytest.mark.slow
-def test_two_real_experiments_on_the_embedded_default(make_cfg, tmp_path):
+def test_two_real_experiments_on_the_embedded_default(make_cfg, seed_dedup, tmp_path):
     """Two tiny real trainings (one fold each of 2): the table and --diff agree with what train wrote."""
     from pipeline.train import train_fold
 
@@ -261,7 +261,7 @@ def test_two_real_experiments_on_the_embedded_default(make_cfg, tmp_path):
     a = make_cfg("experiment=real_a", "model.backbone=test_resnet", *common)
     b = make_cfg("experiment=real_b", "model.backbone=resnet10t", "train.lr=0.004", *common)
     for cfg in (a, b):
-        train_fold(cfg, 0)
+        train_fold(seed_dedup(cfg), 0)
     rows = {r["experiment"]: r for r in json.loads(compare(a, fmt="json", notes_to=StringIO()))}
     for name, cfg in (("real_a", a), ("real_b", b)):
         metrics = json.loads((Path(cfg.paths.runs) / name / "fold0" / "metrics.json").read_text())

@@ -12,22 +12,12 @@ import pandas as pd
 import pytest
 
 from pipeline import paths
-from pipeline.config import DedupConfig, load_config
+from pipeline.config import DedupConfig
 from pipeline.data.competition import DataError
 from pipeline.dedup import dedup_is_current, ensure_dedup, find_duplicates, main, run_dedup
 from pipeline.dedup_hash import hamming_pairs
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def digits_dedup(digits_root, tmp_path_factory):
-    """Dedup run once on the embedded default; returns (cfg, dedup table, report)."""
-    work = tmp_path_factory.mktemp("dedup_work")
-    cfg = load_config(REPO / "configs" / "default.yaml", [f"paths.work={work}", f"competition.root={digits_root}",
-                                                          "wandb.mode=disabled"])
-    out = run_dedup(cfg, quiet=True)
-    return cfg, out, json.loads(paths.dedup_report(cfg).read_text())
 
 
 def _groups(out: pd.DataFrame) -> set[frozenset]:

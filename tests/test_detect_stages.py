@@ -26,7 +26,7 @@ def det_cfg(shapes_root, tmp_path):
         from pathlib import Path
 
         repo = Path(__file__).resolve().parents[1]
-        base = [f"data.root={shapes_root}", f"data.test_labels={shapes_root.parent / 'shapes_private/test/label.csv'}",
+        base = [f"competition.root={shapes_root}", f"data.test_labels={shapes_root.parent / 'shapes_private/test/label.csv'}",
                 f"paths.runs={tmp_path / 'runs'}", f"paths.submissions={tmp_path / 'subs'}", "wandb.mode=disabled",
                 "model.img_size=64", "train.batch_size=8", "train.epochs=1", "predict.batch_size=8",
                 "post.score_threshold=0.05"]
@@ -53,7 +53,7 @@ def test_train_resume_evaluate_predict(det_cfg, tmp_path):
     # one more epoch resumes from last.pt instead of starting over
     more = train(det_cfg("train.epochs=2"))
     assert more["epochs_run"] == 2
-    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [0, 1]
+    assert pd.read_csv(run / "history.csv")["epoch"].tolist() == [1, 2]  # counted from 1, as in classification
 
     result = evaluate(cfg)
     assert result["split"] == "test" and result["n_images"] == 6
@@ -80,5 +80,5 @@ def test_cli_errors_are_one_line(det_cfg, capsys, tmp_path):
     assert cli_entry(train.main, ["--config", REPO_CONFIG, "--set", "train.loss=l2"]) == 2
     assert "hard_negative" in capsys.readouterr().err
     assert cli_entry(evaluate.main, ["--config", REPO_CONFIG, "--set", f"paths.runs={tmp_path / 'none'}",
-                                     "--set", "data.build=null", "--set", f"data.root={tmp_path}"]) == 2
+                                     "--set", "data.build=null", "--set", f"competition.root={tmp_path}"]) == 2
     assert "does not exist; train" in capsys.readouterr().err

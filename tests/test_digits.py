@@ -26,9 +26,21 @@ def planted(digits_root) -> dict:
     return read_json(private_dir(digits_root) / "planted.json")
 
 
-def test_first_use_builds_the_same_bytes(digits_root, tmp_path, capsys):
-    """A second build (here on first use through the reader) is byte-for-byte the first."""
+def test_a_mistyped_root_is_an_error_not_a_new_demo(tmp_path):
+    root = tmp_path / "data" / "digitz"
+    cfg = load_config(REPO / "configs" / "default.yaml", [f"competition.root={root}"])
+    with pytest.raises(PipelineError, match=f"competition.root {root} is not a folder.*built on first use only in"):
+        load_competition(cfg.competition)
+    assert not root.exists() and not root.parent.exists()
+
+
+def test_first_use_builds_the_same_bytes(digits_root, tmp_path, capsys, monkeypatch):
+    """A second build (here on first use through the reader, where the default config puts the
+    demo) is byte-for-byte the first."""
+    import pipeline.data.digits as digits
+
     root = tmp_path / "data" / "digits"
+    monkeypatch.setattr(digits, "default_root", lambda: root)
     cfg = load_config(REPO / "configs" / "default.yaml", [f"competition.root={root}"])
     assert cfg.competition.build == "digits" and not root.exists()
     comp = load_competition(cfg.competition)

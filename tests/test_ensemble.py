@@ -124,3 +124,51 @@ def test_ensemble_stage_blends_two_experiments_into_a_valid_submission(make_cfg,
     # a second blend never replaces the first
     again = main(args)
     assert again.submission != result.submission and result.submission.is_file()
+
+
+def test_blend_of_known_test_probabilities_gives_the_right_label_for_every_id(make_cfg):
+    """Two members whose test probabilities peak at a known label per image, their rows in a
+    different order in every fold file: the submission must name that label for every id (a blend
+    that lined rows up by position instead of by image would not)."""
+    import pandas as pd
+
+    from pipeline import paths
+    from pipeline.config import save_config
+    from pipeline.data import load_competition
+    from pipeline.data.competition import save_classes
+    from pipeline.ensemble import run_ensemble
+
+    cfg = make_cfg("folds.k=2", "ensemble.method=optimize", "ensemble.use_tta=false")
+    comp = load_competition(cfg.competition)
+    classes = list(comp.classes)
+    rng = np.random.default_rng(0)
+    truth = dict(zip(comp.test["image"], rng.choice(classes, len(comp.test))))
+    train = comp.train.iloc[:60]
+
+    def peaked(labels, strength: float) -> pd.DataFrame:
+        p = np.full((len(labels), len(classes)), (1 - strength) / (len(classes) - 1))
+        p[np.arange(len(labels)), [classes.index(lab) for lab in labels]] = strength
+        return pd.DataFrame(p, columns=classes)
+
+    for exp, strength in (("sure", 0.9), ("unsure", 0.4)):
+        member = cfg.model_copy(update={"experiment": exp})
+        save_config(member, paths.run_dir(member) / paths.CONFIG)
+        save_classes(classes, paths.run_dir(member) / paths.CLASSES)
+        for k in range(2):
+            d = paths.fold_dir(member, k)
+            d.mkdir(parents=True)
+            rows = train.iloc[k::2]
+            oof = pd.concat([rows[["image", "label"]].reset_index(drop=True), peaked(rows["label"], strength)], axis=1)
+            oof.to_csv(d / paths.OOF, index=False)
+            order = rng.permutation(len(comp.test))
+            images = comp.test["image"].to_numpy()[order]
+            test = pd.concat([pd.DataFrame({"image": images}), peaked([truth[i] for i in images], strength)], axis=1)
+            test.to_csv(d / paths.TEST, index=False)
+
+    result = run_ensemble(cfg, ["sure", "unsure"], quiet=True)
+    sub = pd.read_csv(result.submission, dtype=str, keep_default_na=False)
+    image_of = dict(zip(comp.test["id"], comp.test["image"]))
+    idc = cfg.competition.id_column
+    wrong = [i for i, label in zip(sub[idc], sub["label"]) if label != truth[image_of[i]]]
+    assert len(sub) == len(comp.test) and wrong == []
+    assert result.meta["provenance"]["versions"]["torch"] and "device" in result.meta["provenance"]

@@ -47,10 +47,13 @@ def test_pretrained_file_errors_are_clear(tmp_path):
         create_classifier(ModelConfig(backbone="resnet10t", pretrained=str(wrong)), 3)
 
 
-def test_pretrained_true_without_network_is_clear(monkeypatch):
+def test_pretrained_true_without_network_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no retries against an unreachable hub
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    # empty caches: on a machine whose caches hold the weights they would load without network
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(PipelineError, match="could not load weights .* hub"):
         create_classifier(ModelConfig(backbone="resnet10t", pretrained=True), 3)

@@ -22,9 +22,10 @@ from pipeline.train import HISTORY_COLUMNS, main, train_fold
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["model.backbone=test_resnet", "train.img_size=16", "train.batch_size=16", "train.epochs=2",
         "folds.k=3", "train.warmup_epochs=0.5"]
-# Every technique at once, so that resume is checked against all the state they carry.
+# Every technique at once, so that resume is checked against all the state they carry; Mixup/CutMix
+# stay on in the resumed epoch (mixup_off_epoch 2 of 2 epochs), so their random draws must resume too.
 TECHNIQUES = ["train.ema=true", "train.ema_decay=0.9", "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0",
-              "train.mixup_off_epoch=1", "train.label_smoothing=0.1", "train.accum_steps=2",
+              "train.mixup_off_epoch=2", "train.label_smoothing=0.1", "train.accum_steps=2",
               "train.clip_grad=5.0", "model.head_lr_mult=3.0", "model.drop_rate=0.1"]
 
 
@@ -132,6 +133,22 @@ def test_fold_outputs_wandb_and_resume_equals_uninterrupted(cfg_for, monkeypatch
     summary = {i.key: i.value_json for r in records if r.WhichOneof("record_type") == "summary"
                for i in r.summary.update}
     assert summary["complete"] == "true" and float(summary["val_acc"]) == pytest.approx(metrics["val_acc"])
+
+    # Provenance: code version, library versions, data fingerprint, device
+    prov = metrics["provenance"]
+    assert set(prov) == {"code", "versions", "data_fingerprint", "device"} and prov["data_fingerprint"]
+    assert torch.__version__.startswith(prov["versions"]["torch"]) and prov["versions"]["timm"]
+    assert prov["device"]["type"] == "cpu" and "dirty" in prov["code"]
+
+    # predict loads the EMA weights training chose: identity TTA reproduces the (EMA) oof.csv
+    from pipeline.predict import predict_fold
+
+    predict_fold(cfg.model_copy(update={"tta": ["identity"]}), 1, quiet=True)
+    tta = pd.read_csv(fold / "oof_tta.csv").set_index("image").loc[oof["image"]]
+    np.testing.assert_allclose(tta[classes].to_numpy(), oof[classes].to_numpy(), atol=1e-5)
+    # (best.pt holds the validated weights only, here the EMA's: the raw weights give other probabilities)
+    raw_model = {k: v for k, v in last["model"].items()}
+    assert any(not torch.equal(raw_model[k], best["model"][k]) for k in raw_model if raw_model[k].is_floating_point())
 
     # The same run killed after its first epoch and resumed reaches the very same result.
     cfg2 = cfg_for(*TECHNIQUES, "wandb.mode=offline", runs="resumed")
@@ -251,6 +268,8 @@ def test_ddp_two_processes_gloo_every_oof_row_once(cfg_for, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="torch.compile's inductor needs a C++ compiler on the CPU")
 def test_torch_compile_trains_and_saves_plain_state_dict(cfg_for):
     """torch.compile (inductor needs a C++ compiler on the CPU; compiling takes minutes here)."""
     metrics = train_fold(cfg_for("train.compile=true", "train.epochs=1"), fold=0)

@@ -1,6 +1,6 @@
 """The competition reader: one table of train images and one of test images, by config alone.
 
-Layouts (design.md):
+Layouts (README, "Your own competition"):
 - Classify Leaves: ``train.csv`` (image,label) with paths, ``test.csv`` (image);
 - CIFAR-10: ``trainLabels.csv`` (id,label), ``train_image: train/{id}.png``, test ids from the
   files in ``test_dir`` (ids are the file names without extension);
@@ -263,14 +263,19 @@ def load_competition(cfg: CompetitionConfig, check_images: bool = False, build: 
         DataError: one message listing every problem found (first ``MAX_LISTED`` rows by name).
     """
     root = Path(cfg.root)
+    hint = ""
     if build and cfg.build == "digits":
-        from pipeline.data.digits import ensure_digits
+        from pipeline.data.digits import default_root, ensure_digits
 
-        ensure_digits(root)
+        if root.exists() or root.resolve() == default_root():
+            ensure_digits(root)
+        else:
+            hint = (f"; the embedded demo is built on first use only in {default_root()} (build it elsewhere "
+                    f"with python -m pipeline.data.digits --root {cfg.root})")
     if not root.is_dir():
         raise DataError(f"competition.root {cfg.root} is not a folder (resolved: {os.path.abspath(root)}); point "
                         "competition.root at the competition data (a relative path in a config file is read from "
-                        "that file's folder, one given with --set from the working folder)")
+                        f"that file's folder, one given with --set from the working folder){hint}")
     root_abs = root.resolve()
 
     train_src = root / cfg.train_csv

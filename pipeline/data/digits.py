@@ -67,6 +67,13 @@ def _write(path: Path, rgb: np.ndarray, **params) -> None:
     path.write_bytes(buf.tobytes())
 
 
+def default_root() -> Path:
+    """Where the default config puts the demo: ``data/digits`` of this checkout. Only there does
+    reading the competition build it on first use; elsewhere ``python -m pipeline.data.digits
+    --root PATH`` builds it, so a mistyped ``competition.root`` is an error, not a new demo."""
+    return Path(__file__).resolve().parents[2] / "data" / "digits"
+
+
 def is_built(root: str | Path) -> bool:
     """True when ``root`` holds a complete build (competition folder and private folder)."""
     root, private = Path(root), private_dir(root)

@@ -1,17 +1,27 @@
 """The detection track's config schema, built from the shared sections of ``pipeline.config``."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import os
+import sys
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import PATH_KEY, PathStr, RunConfig, Section
 
 DEFAULT_DETECT_CONFIG = "configs/banana_ssd.yaml"
 
 
-class DetectDataConfig(Section):
+class DetectCompetitionConfig(Section):
+    """Where the detection data is: ``competition.root``, the key classification uses too."""
+
     root: PathStr = "data/shapes"
+
+
+class DetectDataConfig(Section):
+    # The old name of competition.root: accepted with a message, then kept equal to it (readers of
+    # this section take the folder from here).
+    root: Annotated[str | None, PATH_KEY] = None
     # banana: label.csv per split; coco: instances JSON; yolo: labels/*.txt; voc: Annotations/*.xml
     format: Literal["banana", "coco", "yolo", "voc"] = "banana"
     train: str = "train"
@@ -93,7 +103,12 @@ class DetectTrainConfig(Section):
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
     box_weight: float = Field(1.0, ge=0.0)
     clip_grad: float | None = Field(10.0, gt=0.0)
+    warmup_lr: float = Field(1e-5, ge=0.0)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    # EMA of the weights (timm ModelEmaV3, decay warmed up from 0): judged, saved as best and used
+    # by evaluate and predict when on, as in classification.
+    ema: bool = False
+    ema_decay: float = Field(0.998, gt=0.0, lt=1.0)
     num_workers: int = Field(0, ge=0)
     eval_every: int = Field(1, ge=1)
     max_minutes: float | None = Field(None, gt=0.0)
@@ -169,6 +184,7 @@ class DetectSubmissionConfig(Section):
 
 class DetectConfig(RunConfig):
     experiment: str = "shapes_tinyssd"
+    competition: DetectCompetitionConfig = DetectCompetitionConfig()
     data: DetectDataConfig = DetectDataConfig()
     model: DetectModelConfig = DetectModelConfig()
     train: DetectTrainConfig = DetectTrainConfig()
@@ -177,3 +193,24 @@ class DetectConfig(RunConfig):
     tta: DetectTtaConfig = DetectTtaConfig()
     ensemble: DetectEnsembleConfig = DetectEnsembleConfig()
     submission: DetectSubmissionConfig = DetectSubmissionConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_root_is_competition_root(cls, data: Any) -> Any:
+        """``data.root`` (the old key) becomes ``competition.root``, with a message when they differ."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        old = data["data"].get("root")
+        if old is None:
+            return data
+        comp = dict(data.get("competition") or {})
+        if comp.get("root") is None or os.path.normpath(str(comp["root"])) != os.path.normpath(str(old)):
+            print(f"config: data.root is deprecated; the detection data folder is competition.root, as in "
+                  f"classification. Using competition.root={old}", file=sys.stderr)
+            comp["root"] = old
+        return {**data, "competition": comp, "data": {k: v for k, v in data["data"].items() if k != "root"}}
+
+    @model_validator(mode="after")
+    def _mirror_root(self) -> DetectConfig:
+        self.data.__dict__["root"] = self.competition.root  # __dict__: no re-validation loop
+        return self

@@ -112,7 +112,7 @@ def load_split(cfg: DetectConfig, split: str, classes: list[str], labels_path: P
     if not labels_path.is_file():
         if not img_dir.is_dir():
             raise PipelineError(f"split {split!r}: neither {labels_path} nor {img_dir} exists; "
-                                f"check data.root={cfg.data.root!r} and the split names in data.*")
+                                f"check competition.root={cfg.competition.root!r} and the split names in data.*")
         return unlabelled_split(img_dir, split)
 
     table = read_label_table(labels_path)

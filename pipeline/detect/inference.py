@@ -2,7 +2,6 @@
 returns boxes in pixels of the original images, and loading a trained run."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from pipeline.detect.metrics import ImageBoxes
 from pipeline.detect.models import create_detector
 from pipeline.detect.postprocess import postprocess
 from pipeline.detect.tta import View, detect_views, fuse, unflip, view_size
+from pipeline.engine.amp import resolve_amp
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.progress import bar
@@ -24,15 +24,6 @@ from pipeline.progress import bar
 
 def run_dir(cfg: DetectConfig) -> Path:
     return paths.run_dir(cfg)
-
-
-def autocast(device: torch.device, amp: str):
-    """Mixed precision on CUDA (fp16 for ``auto``/``fp16``, bf16 asked for explicitly); CPU runs fp32
-    except with ``bf16``."""
-    if amp == "off" or (device.type != "cuda" and amp != "bf16"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_loader(ds, batch_size: int, device: torch.device, num_workers: int, shuffle: bool = False,
@@ -63,7 +54,7 @@ def detect_normalised(model: torch.nn.Module, split: Split, cfg: DetectConfig, d
     desc = f"detect {split.name}" + ("" if view == View() else f" {view.name}")
     for images, _, _, idx in bar(loader, desc=desc, leave=False, enabled=progress):
         images = images.to(device, non_blocking=True)
-        with autocast(device, cfg.train.amp):
+        with resolve_amp(cfg.train.amp, device).autocast():  # the same precision rule as training
             raw = model(images.flip(-1) if view.hflip else images)
         dets = postprocess(raw["cls_logits"], raw["box_offsets"], raw["anchors"],
                            score_threshold=score_threshold, nms_iou=cfg.post.nms_iou,
@@ -136,7 +127,8 @@ def ground_truth(split: Split) -> list[ImageBoxes]:
 
 
 def load_trained(cfg: DetectConfig, which: str = "best", device: torch.device | str = "cpu"):
-    """The model, classes and training config of ``runs/<experiment>/<which>.pt``."""
+    """The model, classes and training config of ``runs/<experiment>/<which>.pt``: its EMA weights
+    when training judged the EMA (``used_ema``), as it did when it chose the checkpoint."""
     from pipeline.config import build_config
 
     folder = run_dir(cfg)
@@ -145,7 +137,8 @@ def load_trained(cfg: DetectConfig, which: str = "best", device: torch.device | 
     trained = build_config(ckpt["config"], DetectConfig, source=str(folder / paths.checkpoint_name(which)))
     model = create_detector(trained.model, len(classes))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["ema"] if ckpt.get("used_ema") and ckpt.get("ema") is not None
+                              else ckpt["model"])
     except RuntimeError as exc:
         raise PipelineError(f"{folder / paths.checkpoint_name(which)} does not fit the model it names ({exc}); train again") from None
     saved = folder / paths.CLASSES

@@ -28,8 +28,10 @@ from pipeline.detect.submission import prediction_string_table
 from pipeline.detect.tta import View, detect_views
 from pipeline.engine.distributed import resolve_device
 from pipeline.errors import PipelineError, cli_entry
-from pipeline.io import atomic_write_csv, atomic_write_image, atomic_write_json
+from pipeline.io import atomic_write_csv, atomic_write_image
 from pipeline.progress import bar
+from pipeline.provenance import provenance, split_fingerprint
+from pipeline.submission import write_submission
 
 
 def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = None, which: str = "best",
@@ -55,10 +57,8 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
     atomic_write_csv(out_dir / paths.DETECTIONS, table)
     form = cfg.submission
     submitted = table if form.form == "boxes" else prediction_string_table(data, dets, classes, form, cfg.data.root)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    sub = Path(cfg.paths.submissions) / f"{cfg.experiment}_{stamp}.csv"
-    atomic_write_csv(sub, submitted, overwrite=False)
-    atomic_write_json(sub.with_suffix(".json"), {
+    # never overwritten: two predictions in the same second get -2, -3 ... (as classification's)
+    sub = write_submission(submitted, paths.submissions_dir(cfg), cfg.experiment, {
         "experiment": cfg.experiment, "checkpoint": str(out_dir / paths.checkpoint_name(which)), "split": split,
         "n_images": len(data.images), "n_detections": len(table), "classes": classes,
         "score_threshold": cfg.post.score_threshold, "nms_iou": cfg.post.nms_iou,
@@ -66,8 +66,10 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
         "tta": [v.name for v in (detect_views(cfg) if tta else [View()])], "tta_fusion": cfg.tta.fusion,
         "ensemble": [m[1].experiment for m in members] if len(members) > 1 else None,
         "ensemble_weights": [m[2] for m in members] if len(members) > 1 else None,
-        "submission": form.model_dump(mode="json"),
-    }, overwrite=False)
+        "submission_form": form.model_dump(mode="json"),  # "submission" is the file's path
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "provenance": provenance(device=device, data=split_fingerprint(data)),
+    })
     if cfg.predict.draw if draw is None else draw:
         for i in bar(range(min(cfg.predict.draw_max, len(data.images))), desc="draw", leave=False):
             pic = draw_detections(read_image(data.paths[i]), dets[i], classes)

@@ -18,7 +18,7 @@ def image_folder(section, split: str) -> Path:
     folder = find(section, split, "images", want_dir=True)
     if folder is None:
         raise PipelineError(f"split {split!r}: no image folder; looked in {tried(section, split, 'images')}; "
-                            f"check data.root={section.root!r}, data.format={section.format!r} and the split names")
+                            f"check competition.root={section.root!r}, data.format={section.format!r} and the split names")
     return folder
 
 

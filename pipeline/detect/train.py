@@ -1,106 +1,91 @@
 """Train an SSD detector: ``python -m pipeline.detect.train [--config configs/banana_ssd.yaml]``.
 
 Writes ``runs/<experiment>/``: ``config.yaml``, ``classes.json``, ``best.pt`` (best validation
-mAP@0.5:0.95), ``last.pt`` (+ optimizer, scheduler, scaler, RNG, history: resumes exactly),
-``history.csv`` and ``metrics.json``. ``torchrun --nproc_per_node=N`` trains on N GPUs (DDP).
+mAP@0.5:0.95), ``last.pt`` (+ optimizer, scheduler, scaler, every rank's RNG, history: resumes
+exactly), ``history.csv`` and ``metrics.json``. ``torchrun --nproc_per_node=N`` trains on N GPUs
+(DDP); ``train.batch_size`` is per process, as in classification.
+
+The epoch loop, AMP, EMA, the schedule, checkpoints, the NaN check agreed across ranks, the time
+limit decided on rank 0, throughput and W&B come from :mod:`pipeline.engine`; this module only
+adds what is about boxes: the detection loss function (anchor matching + multibox loss) and the
+mAP validation.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
-import time
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
-from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
 
 from pipeline import paths
 from pipeline.config import add_config_args, config_from_args, save_config
+from pipeline.config_keys import describe as describe_changes
+from pipeline.config_keys import retrain_changes
 from pipeline.detect.anchor_fit import resolve_anchors
 from pipeline.detect.boxes import targets_for
 from pipeline.detect.config import DEFAULT_DETECT_CONFIG, DetectConfig
-from pipeline.detect.data import DetectionDataset, class_names, ensure_dataset, load_split, train_transform
-from pipeline.detect.inference import autocast, ground_truth, make_loader, predict_split, run_dir
+from pipeline.detect.data import (
+    DetectionDataset,
+    Split,
+    class_names,
+    ensure_dataset,
+    load_split,
+    train_transform,
+)
+from pipeline.detect.inference import ground_truth, make_loader, predict_split, run_dir
 from pipeline.detect.loss import MultiBoxLoss
 from pipeline.detect.metrics import evaluate_detections
 from pipeline.detect.models import create_detector
+from pipeline.engine.amp import Amp, resolve_amp
 from pipeline.engine.budget import EpochBudget, parse_duration, retarget_scheduler
-from pipeline.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pipeline.engine.distributed import all_gather_object, barrier, cleanup, init_distributed, reduce_mean
-from pipeline.engine.seed import seed_everything, seed_worker
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.engine.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
+from pipeline.engine.fit import FitSpec, FitState, Parts, Validation, fit, restore
+from pipeline.engine.loop import LossFn, train_one_epoch
+from pipeline.engine.optim import create_optimizer, create_scheduler, updates_per_epoch
+from pipeline.engine.sampling import SeededAugment, epoch_sampler, seed_epoch
+from pipeline.engine.seed import cudnn_autotune, seed_everything, seed_worker
 from pipeline.engine.wandb_run import start_run
 from pipeline.errors import PipelineError, cli_entry
-from pipeline.io import atomic_write_csv, atomic_write_json, read_json
-from pipeline.progress import bar
+from pipeline.io import atomic_write_json, read_json
+from pipeline.provenance import provenance, split_fingerprint
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "cls_loss", "box_loss", "val_map_50", "val_map_50_95", "lr",
+                   "images_per_s", "epoch_time_s"]
+# May change between a run and its resume although they retrain (pipeline.config_keys): a finished
+# run is extended to more epochs by raising train.epochs.
+EXTENDABLE = ("train.epochs",)
 
 
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+def detection_loss(criterion: MultiBoxLoss, *, amp: Amp, device: torch.device, iou_threshold: float) -> LossFn:
+    """The detector's loss function for the engine's loop: anchor matching, then the multibox loss
+    (``loss``, ``cls_loss``, ``box_loss``); the forward pass alone runs under autocast."""
 
-
-def _optimizer(model: torch.nn.Module, cfg: DetectConfig) -> torch.optim.Optimizer:
-    # no weight decay on norms and biases, as usual for conv nets
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg: DetectConfig,
-                    device: torch.device, epoch: int, show: bool) -> dict[str, float]:
-    model.train()
-    sums = {"loss": 0.0, "cls_loss": 0.0, "box_loss": 0.0}
-    n_images, start = 0, time.perf_counter()
-    steps_per_epoch = len(loader)
-    for step, (images, boxes, labels, _) in enumerate(bar(loader, desc=f"epoch {epoch}", leave=False,
-                                                          enabled=show)):
+    def loss_fn(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
+        images, boxes, labels, _ = batch
         images = images.to(device, non_blocking=True)
         boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, cfg.train.amp):
+        with amp.autocast():
             out = model(images)
-        cls_t, box_t = targets_for(out["anchors"], boxes, labels, cfg.train.iou_threshold)
-        losses = criterion(out["cls_logits"], out["box_offsets"], cls_t, box_t)
-        if not torch.isfinite(losses["loss"]):
-            raise PipelineError(f"loss became {losses['loss'].item()} at epoch {epoch}; lower train.lr "
-                                f"(now {cfg.train.lr}) or set train.amp=off")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        if cfg.train.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step_update(epoch * steps_per_epoch + step + 1)
-        for k in sums:
-            sums[k] += float(losses[k].detach()) * len(images)
-        n_images += len(images)
-    elapsed = time.perf_counter() - start
-    out = {k: v / max(n_images, 1) for k, v in sums.items()}
-    out.update(images_per_s=n_images / elapsed, epoch_time_s=elapsed)
-    return out
+        cls_t, box_t = targets_for(out["anchors"], boxes, labels, iou_threshold)
+        return criterion(out["cls_logits"].float(), out["box_offsets"].float(), cls_t, box_t), len(images)
+
+    return loss_fn
 
 
-def validate(model, val, cfg: DetectConfig, device, dist) -> dict:
-    """mAP on the validation split; each rank detects its share, the main rank scores."""
+def validate(model: torch.nn.Module, val: Split, cfg: DetectConfig, dist: DistInfo) -> dict:
+    """mAP on the validation split; each rank detects its share, every rank scores the whole."""
     idx = list(range(dist.rank, len(val.paths), dist.world_size))
-    dets = predict_split(_bare(model), val, cfg, device, cfg.post.eval_score_threshold, idx, progress=dist.is_main)
+    dets = predict_split(model, val, cfg, dist.device, cfg.post.eval_score_threshold, idx, progress=dist.is_main)
     merged: dict = {}
     for part in all_gather_object(dets, dist):
         merged.update(part)
     return evaluate_detections(ground_truth(val), [merged[i] for i in range(len(val.paths))],
-                               num_classes=_bare(model).num_classes, score_threshold=cfg.post.score_threshold)
-
-
-def _state(model, cfg, classes, epoch, best, **extra) -> dict:
-    return {"model": _bare(model).state_dict(), "ema": None, "config": cfg.to_dict(), "classes": classes,
-            "epoch": epoch, "best_metric": best, **extra}
+                               num_classes=model.num_classes, score_threshold=cfg.post.score_threshold)
 
 
 def detect_budget(cfg: DetectConfig) -> EpochBudget | None:
@@ -114,161 +99,170 @@ def detect_budget(cfg: DetectConfig) -> EpochBudget | None:
     return budget
 
 
-def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
-    """Train ``cfg.model`` on ``data.train``, validating on ``data.val``; returns metrics.json's content."""
-    budget = detect_budget(cfg)
-    dist = init_distributed(cfg.device)
-    device = dist.device
+def _prepare_folder(cfg: DetectConfig, resume: bool, fresh: bool, dist: DistInfo) -> None:
     out_dir = run_dir(cfg)
+    if dist.is_main:
+        ensure_dataset(cfg)
+        if fresh and out_dir.exists():
+            shutil.rmtree(out_dir)
+        if not resume and (out_dir / paths.LAST).is_file():
+            raise PipelineError(f"{out_dir} already holds a run; pass --fresh to start over or choose "
+                                "another --set experiment=NAME")
+    barrier(dist)
+
+
+def _resume_checkpoint(cfg: DetectConfig, classes: list[str]) -> dict[str, Any] | None:
+    """last.pt to continue from (loaded to the CPU), checked against the current settings."""
+    last = run_dir(cfg) / paths.LAST
+    if not last.is_file():
+        return None
+    ckpt = load_checkpoint(last, map_location="cpu")
+    changes = [c for c in retrain_changes(ckpt["config"], cfg.to_dict()) if c[0] not in EXTENDABLE]
+    if changes or ckpt["classes"] != classes:
+        why = describe_changes(changes) if changes else f"classes {ckpt['classes']} -> {classes}"
+        raise PipelineError(f"{last} was trained with other settings ({why}); pass --fresh to start over or "
+                            "choose another --set experiment=NAME")
+    return ckpt
+
+
+def build_model(cfg: DetectConfig, num_classes: int, dist: DistInfo):
+    """(bare model, train model (DDP), EMA or None); the same initial weights on every rank."""
+    seed_everything(cfg.seed)
+    bare = create_detector(cfg.model, num_classes)
+    if cfg.train.loss == "focal":
+        bare.init_foreground_prior()
+    bare = bare.to(dist.device)
+    ema = ModelEmaV3(bare, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema else None
+    model = bare
+    if dist.enabled:
+        model = DistributedDataParallel(bare, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return bare, model, ema
+
+
+def build_loader(cfg: DetectConfig, split: Split, dist: DistInfo):
+    """Shuffled and split by rank; order and augmentation depend on (seed, epoch, image) alone."""
+    ds = DetectionDataset(split, cfg.model.img_size, train_transform(cfg.model.img_size, cfg.train.augment),
+                          cache=cfg.data.cache_images)
+    return make_loader(SeededAugment(ds, cfg.seed), cfg.train.batch_size, dist.device, cfg.train.num_workers,
+                       sampler=epoch_sampler(ds, cfg.seed, dist.rank, dist.world_size),
+                       generator=torch.Generator().manual_seed(cfg.seed + dist.rank), worker_init_fn=seed_worker)
+
+
+def _describe(row: dict[str, float], improved: bool) -> str:
+    return (f"epoch {int(row['epoch']):3d}  loss {row['train_loss']:.3f} (cls {row['cls_loss']:.3f} "
+            f"box {row['box_loss']:.3f})  val mAP@.5 {row['val_map_50']:.3f}  mAP@.5:.95 {row['val_map_50_95']:.3f}"
+            f"  {row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.0f}s{' *' if improved else ''}")
+
+
+def _result(cfg: DetectConfig, classes: list[str], state: FitState, val_metrics: dict, n_train: int,
+            n_val: int, used_ema: bool, prov: dict[str, Any], budget: EpochBudget | None) -> dict[str, Any]:
+    return {
+        "experiment": cfg.experiment, "arch": cfg.model.arch, "backbone": cfg.model.backbone,
+        "img_size": cfg.model.img_size, "anchors": cfg.model.anchors, "loss": cfg.train.loss,
+        "epochs_run": len(state.history), "best_epoch": state.best_epoch + 1,  # counted from 1, as history.csv
+        "used_ema": used_ema,
+        "map_50": val_metrics["map_50"], "map_50_95": val_metrics["map_50_95"],
+        "ap_50": dict(zip(classes, val_metrics["ap_50"])), "ap_50_95": dict(zip(classes, val_metrics["ap_50_95"])),
+        "precision": val_metrics["precision"], "recall": val_metrics["recall"],
+        "score_threshold": cfg.post.score_threshold, "split": cfg.data.val,
+        "n_train": n_train, "n_val": n_val, "train_time_s": state.train_time_s,
+        "images_per_s": float(np.mean([h["images_per_s"] for h in state.history])), "complete": True,
+        "time_budget_s": budget.seconds if budget else None,
+        "time_budget_notes": budget.notes if budget else [],
+        "provenance": prov,
+    }
+
+
+def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
+    """Train ``cfg.model`` on ``data.train``, validating on ``data.val``; returns metrics.json's content.
+
+    Steps: the run folder (and the embedded data on first use); classes and splits; last.pt to
+    resume from; model, EMA, loader, optimizer, schedule and scaler; the engine's epoch loop; the
+    best checkpoint's validation metrics into metrics.json.
+    """
+    dist = init_distributed(cfg.device)
+    out_dir = run_dir(cfg)
+    budget = detect_budget(cfg)
     try:
-        if dist.is_main:
-            ensure_dataset(cfg)
-            if fresh and out_dir.exists():
-                shutil.rmtree(out_dir)
-            if not resume and (out_dir / paths.LAST).is_file():
-                raise PipelineError(f"{out_dir} already holds a run; pass --fresh to start over or choose "
-                                    "another --set experiment=NAME")
-        barrier(dist)
-        generator = seed_everything(cfg.seed + dist.rank)
+        _prepare_folder(cfg, resume, fresh, dist)
         classes = class_names(cfg)
         train_split = load_split(cfg, cfg.data.train, classes)
         val_split = load_split(cfg, cfg.data.val, classes)
         cfg = resolve_anchors(cfg, train_split, len(classes), verbose=dist.is_main)  # model.anchors: auto
-        if dist.is_main:
-            save_config(cfg, out_dir / paths.CONFIG)
-            atomic_write_json(out_dir / paths.CLASSES, {"classes": classes})
-
-        model = create_detector(cfg.model, len(classes))
-        if cfg.train.loss == "focal":
-            model.init_foreground_prior()
-        model = model.to(device)
-        if dist.enabled:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        optimizer = _optimizer(model, cfg)
-        ds = DetectionDataset(train_split, cfg.model.img_size, train_transform(cfg.model.img_size, cfg.train.augment),
-                              cache=cfg.data.cache_images)
-        sampler = DistributedSampler(ds, shuffle=True, seed=cfg.seed) if dist.enabled else None
-        per_rank = max(1, cfg.train.batch_size // dist.world_size)
-        loader = make_loader(ds, per_rank, device, cfg.train.num_workers, shuffle=True, sampler=sampler,
-                             generator=generator, worker_init_fn=seed_worker)
-        steps = len(loader)
-        scheduler = CosineLRScheduler(
-            optimizer, t_initial=cfg.train.epochs * steps, lr_min=cfg.train.min_lr,
-            warmup_t=int(cfg.train.warmup_epochs * steps), warmup_lr_init=cfg.train.lr * 0.01, t_in_epochs=False,
-        ) if cfg.train.scheduler == "cosine" else CosineLRScheduler(optimizer, t_initial=10**9, lr_min=cfg.train.lr,
-                                                                    t_in_epochs=False)
-        use_scaler = device.type == "cuda" and cfg.train.amp in ("auto", "fp16")
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        criterion = MultiBoxLoss(cfg.train.loss, cfg.train.neg_pos_ratio, cfg.train.focal_alpha,
-                                 cfg.train.focal_gamma, cfg.train.box_loss, cfg.train.box_weight)
-
-        start_epoch, best, best_epoch, history, prior_time = 0, -1.0, -1, [], 0.0
-        last = out_dir / paths.LAST
-        if resume and last.is_file():
-            ckpt = load_checkpoint(last, map_location=device)
-            if ckpt["config"]["model"] != cfg.model.model_dump(mode="json") or ckpt["classes"] != classes:
-                raise PipelineError(f"{last} was trained with another model config or classes; pass --fresh "
-                                    "to start over or choose another --set experiment=NAME")
-            _bare(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            start_epoch, best = ckpt["epoch"] + 1, ckpt["best_metric"]
-            history = list(ckpt["history"])
-            best_epoch = int(ckpt.get("best_epoch", -1))
-            prior_time = float(ckpt.get("train_time_s", 0.0))
-            if dist.is_main and start_epoch < cfg.train.epochs:
-                print(f"resuming {out_dir} after epoch {ckpt['epoch']} (best mAP@0.5:0.95 {best:.4f})")
-        if start_epoch >= cfg.train.epochs and (out_dir / paths.METRICS).is_file():
+        ckpt = _resume_checkpoint(cfg, classes) if resume else None
+        if ckpt is not None and ckpt["epoch"] + 1 >= cfg.train.epochs and (out_dir / paths.METRICS).is_file():
             if dist.is_main:
                 print(f"{out_dir} is already trained for {cfg.train.epochs} epochs; --fresh starts over")
             return read_json(out_dir / paths.METRICS)
 
-        run = start_run(cfg.wandb, out_dir, name=cfg.experiment, group=cfg.experiment, job_type="detect-train",
-                        config=cfg.to_dict(), enabled=dist.is_main)
+        cudnn_autotune(dist.device)
+        amp = resolve_amp(cfg.train.amp, dist.device)
+        bare, model, ema = build_model(cfg, len(classes), dist)
+        loader = build_loader(cfg, train_split, dist)
+        optimizer = create_optimizer(bare, cfg.train)
+        scheduler = create_scheduler(optimizer, cfg.train, updates_per_epoch(len(loader), 1))
+        parts = Parts(model, bare, optimizer, scheduler, amp.grad_scaler(), ema)
+        criterion = MultiBoxLoss(cfg.train.loss, cfg.train.neg_pos_ratio, cfg.train.focal_alpha,
+                                 cfg.train.focal_gamma, cfg.train.box_loss, cfg.train.box_weight)
+        loss_fn = detection_loss(criterion, amp=amp, device=dist.device, iou_threshold=cfg.train.iou_threshold)
+        seed_everything(cfg.seed + dist.rank)
+        state = restore(parts, ckpt, dist) if ckpt is not None else FitState()
+        # with EMA on, the EMA weights are judged and saved as best (as in classification)
+        judged = ema.module if ema is not None else bare
         if dist.is_main:
+            save_config(cfg, out_dir / paths.CONFIG)
+            atomic_write_json(out_dir / paths.CLASSES, {"classes": classes})
+            if ckpt is not None and state.epoch < cfg.train.epochs:
+                print(f"resuming {out_dir} after epoch {state.epoch - 1} (best mAP@0.5:0.95 {state.best_metric:.4f})")
             print(f"training {cfg.model.arch} ({cfg.model.backbone if cfg.model.arch == 'timm_ssd' else 'course layout'}) "
                   f"at {cfg.model.img_size}px on {len(train_split.paths)} images, {len(classes)} classes "
-                  f"{classes}, {cfg.train.epochs} epochs, device {device}, world size {dist.world_size}")
-        t0 = time.perf_counter()
-        metrics_val: dict = {}
-        total = cfg.train.epochs
-        epoch = start_epoch
-        while epoch < total:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            stats = train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg, device, epoch,
-                                    dist.is_main)
-            stats = {k: reduce_mean(v, dist) for k, v in stats.items()}
-            stats["images_per_s"] *= dist.world_size  # throughput of all ranks together
-            row = {"epoch": epoch, "train_loss": stats["loss"], "cls_loss": stats["cls_loss"],
-                   "box_loss": stats["box_loss"], "val_map_50": float("nan"), "val_map_50_95": float("nan"),
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
-                   "epoch_time_s": stats["epoch_time_s"]}
-            final = epoch == total - 1
-            val_s = 0.0
-            if (epoch + 1) % cfg.train.eval_every == 0 or final or budget is not None:
-                tv = time.perf_counter()
-                metrics_val = validate(model, val_split, cfg, device, dist)
-                val_s = time.perf_counter() - tv
-                row.update(val_map_50=metrics_val["map_50"], val_map_50_95=metrics_val["map_50_95"])
-                if metrics_val["map_50_95"] > best:
-                    best, best_epoch = metrics_val["map_50_95"], epoch
-                    if dist.is_main:
-                        save_checkpoint(out_dir / paths.BEST, _state(model, cfg, classes, epoch, best))
-            history.append(row)
-            elapsed = prior_time + time.perf_counter() - t0
+                  f"{classes}, {cfg.train.epochs} epochs, device {dist.device}, world size {dist.world_size} "
+                  f"(amp {amp.name}{', ema' if ema is not None else ''})")
+        run = start_run(cfg.wandb, out_dir, name=cfg.experiment, group=cfg.experiment, job_type="detect-train",
+                        config=cfg.to_dict(), enabled=dist.is_main, run_id=state.wandb_id)
+        state.wandb_id = getattr(run, "id", None)
+        last_val: dict[str, Any] = {}
+
+        def train_epoch(epoch: int, num_updates: int):
+            seed_epoch(loader, epoch)
+            return train_one_epoch(model, loader, optimizer, loss_fn, epoch=epoch, info=dist, scaler=parts.scaler,
+                                   scheduler=scheduler, num_updates=num_updates, clip_grad=cfg.train.clip_grad,
+                                   ema=ema, desc=f"epoch {epoch}")
+
+        def evaluate(epoch: int) -> Validation:
+            m = validate(judged, val_split, cfg, dist)
+            last_val.update(epoch=epoch, metrics=m)
+            return Validation(score=(m["map_50_95"],), metric=m["map_50_95"],
+                              row={"val_map_50": m["map_50"], "val_map_50_95": m["map_50_95"]})
+
+        spec = FitSpec(epochs=cfg.train.epochs, out_dir=out_dir, meta={"config": cfg.to_dict(), "classes": classes},
+                       history_columns=HISTORY_COLUMNS, eval_every=cfg.train.eval_every,
+                       time_limit_s=cfg.train.max_minutes * 60 if cfg.train.max_minutes else None, name="detect",
+                       budget=budget, on_plan=lambda n: retarget_scheduler(scheduler, n, len(loader)))
+        ok = False
+        try:
+            state = fit(parts, state, spec, dist, train_epoch=train_epoch, evaluate=evaluate, wandb_run=run,
+                        describe=_describe)
+            # report the best checkpoint's validation metrics (the weights evaluate and predict use)
+            barrier(dist)  # best.pt is written by rank 0; every rank scores the same weights
+            best = load_checkpoint(out_dir / paths.BEST, map_location="cpu")
+            # best.pt holds the validated weights only (the EMA's when EMA is on); older ones both
+            judged.load_state_dict(best["ema"] if best.get("ema") is not None else best["model"])
+            val_metrics = last_val["metrics"] if last_val.get("epoch") == state.best_epoch \
+                else validate(judged, val_split, cfg, dist)
+            prov = provenance(device=dist.device, data=split_fingerprint(train_split, val_split),
+                              world_size=dist.world_size)
+            result = _result(cfg, classes, state, val_metrics, len(train_split.paths), len(val_split.paths),
+                             ema is not None, prov, budget)
             if dist.is_main:
-                save_checkpoint(last, _state(model, cfg, classes, epoch, best, optimizer=optimizer.state_dict(),
-                                             scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                             rng=rng_state(), history=history, best_epoch=best_epoch,
-                                             train_time_s=elapsed))
-                atomic_write_csv(out_dir / paths.HISTORY, pd.DataFrame(history))
-                run.log({k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}, step=epoch)
-                print(f"epoch {epoch:3d}  loss {row['train_loss']:.3f} (cls {row['cls_loss']:.3f} box {row['box_loss']:.3f})"
-                      f"  val mAP@.5 {row['val_map_50']:.3f}  mAP@.5:.95 {row['val_map_50_95']:.3f}"
-                      f"  {row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.0f}s", flush=True)
-            if budget is not None:
-                planned, message = budget.after_epoch(epoch + 1, stats["epoch_time_s"] + val_s, val_s)
-                planned = all_gather_object(planned, dist)[0]  # rank 0 decides: clocks differ between ranks
-                if message and dist.is_main:
-                    print(message, flush=True)
-                if planned != total:
-                    retarget_scheduler(scheduler, planned, steps)
-                    total = planned
-            if cfg.train.max_minutes and elapsed > cfg.train.max_minutes * 60 and not final:
-                if dist.is_main:
-                    print(f"stopping after epoch {epoch}: train.max_minutes={cfg.train.max_minutes} reached")
-                if not math.isnan(row["val_map_50_95"]):
-                    break
-            epoch += 1
-        train_time = prior_time + time.perf_counter() - t0
-        # report the best checkpoint's validation metrics (the one evaluate/predict use)
-        barrier(dist)  # best.pt is written by the main rank; every rank scores the same weights
-        _bare(model).load_state_dict(load_checkpoint(out_dir / paths.BEST, map_location=device)["model"])
-        if best_epoch != history[-1]["epoch"]:
-            metrics_val = validate(model, val_split, cfg, device, dist)
-        result = {
-            "experiment": cfg.experiment, "arch": cfg.model.arch, "backbone": cfg.model.backbone,
-            "img_size": cfg.model.img_size, "anchors": cfg.model.anchors, "loss": cfg.train.loss,
-            "epochs_run": len(history), "best_epoch": best_epoch,
-            "map_50": metrics_val["map_50"], "map_50_95": metrics_val["map_50_95"],
-            "ap_50": dict(zip(classes, metrics_val["ap_50"])), "ap_50_95": dict(zip(classes, metrics_val["ap_50_95"])),
-            "precision": metrics_val["precision"], "recall": metrics_val["recall"],
-            "score_threshold": cfg.post.score_threshold, "split": cfg.data.val,
-            "n_train": len(train_split.paths), "n_val": len(val_split.paths), "train_time_s": train_time,
-            "images_per_s": float(np.mean([h["images_per_s"] for h in history])), "complete": True,
-            "time_budget_s": budget.seconds if budget else None,
-            "time_budget_notes": budget.notes if budget else [],
-        }
-        if dist.is_main:
-            atomic_write_json(out_dir / paths.METRICS, result)
-            run.summary.update({"map_50": result["map_50"], "map_50_95": result["map_50_95"]})
-            run.finish()
-            print(f"done in {train_time / 60:.1f} min: best epoch {best_epoch}, val mAP@0.5 {result['map_50']:.4f}, "
-                  f"mAP@0.5:0.95 {result['map_50_95']:.4f} -> {out_dir}")
-        return result
+                atomic_write_json(out_dir / paths.METRICS, result)
+                run.summary.update({"map_50": result["map_50"], "map_50_95": result["map_50_95"]})
+                print(f"done in {state.train_time_s / 60:.1f} min: best epoch {state.best_epoch + 1}, val mAP@0.5 "
+                      f"{result['map_50']:.4f}, mAP@0.5:0.95 {result['map_50_95']:.4f} -> {out_dir}")
+            ok = True
+            return result
+        finally:
+            run.finish(exit_code=0 if ok else 1)
     finally:
         cleanup(dist)
 

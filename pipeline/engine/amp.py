@@ -30,13 +30,21 @@ class Amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
+    @property
+    def needs_scaler(self) -> bool:
         """Loss scaling is needed for fp16 only; bf16 has float32's range."""
-        return torch.amp.GradScaler(self.device_type, enabled=self.dtype is torch.float16)
+        return self.dtype is torch.float16
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.needs_scaler)
+
+
+BF16_CAPABILITY = (8, 0)  # Ampere and newer compute in bf16 at full speed; older GPUs emulate it slowly
 
 
 def resolve_amp(mode: str, device: torch.device) -> Amp:
-    """``auto``: bf16 on GPUs that support it, else fp16 on CUDA; off on the CPU.
+    """``auto``: bf16 on GPUs of compute capability 8.0 or more, fp16 with a GradScaler on older
+    ones (Kaggle's T4 and P100), off on the CPU. The same rule for both tracks.
 
     Args:
         mode: ``train.amp`` (auto, bf16, fp16, off).
@@ -51,8 +59,11 @@ def resolve_amp(mode: str, device: torch.device) -> Amp:
                                 "(or bf16, which the CPU autocast supports)")
         # auto stays off on the CPU: CPU autocast is rarely faster for convolutions and changes results.
         return Amp(kind, torch.bfloat16 if mode == "bf16" else None)
-    if mode == "bf16" and not torch.cuda.is_bf16_supported():
-        raise PipelineError("train.amp = bf16 but this GPU has no bfloat16 support; use --set train.amp=fp16 or auto")
+    # is_bf16_supported() says yes on a T4 too (emulated, several times slower): ask the hardware.
+    fast_bf16 = tuple(torch.cuda.get_device_capability(device)) >= BF16_CAPABILITY
+    if mode == "bf16" and not fast_bf16:
+        raise PipelineError("train.amp = bf16 but this GPU (compute capability below 8.0) has no fast bfloat16; "
+                            "use --set train.amp=fp16 or auto")
     if mode == "auto":
-        return Amp(kind, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return Amp(kind, torch.bfloat16 if fast_bf16 else torch.float16)
     return Amp(kind, torch.bfloat16 if mode == "bf16" else torch.float16)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,15 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def process_group_timeout() -> timedelta:
+    """How long a rank waits in a collective: 3 hours, or ``PIPELINE_DIST_TIMEOUT_MIN`` minutes.
+
+    Rank 0 alone runs dedup and folds before training, while the other ranks wait in a barrier;
+    NCCL's default watchdog (10 minutes) would kill them on a large competition.
+    """
+    return timedelta(minutes=float(os.environ.get("PIPELINE_DIST_TIMEOUT_MIN", "180")))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun; a plain run is world size 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,7 +54,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", timeout=process_group_timeout())
     return DistInfo(rank, world, local, dev)
 
 
