@@ -169,7 +169,8 @@ def test_fold_outputs_wandb_and_resume_equals_uninterrupted(cfg_for, monkeypatch
     resumed = pd.read_csv(fold2 / "oof.csv")
     pd.testing.assert_frame_equal(resumed, oof)
     # the resumed fold logs to the W&B run it started (same id), not to a new run
-    ids = {Path(p).name.rsplit("-", 1)[-1] for p in glob.glob(str(fold2.parent / "wandb" / "offline-run-*"))}
+    # offline-run-<date>_<time>-<run id>[-n]: a second folder in the same second gets a -n suffix
+    ids = {Path(p).name.split("-")[3] for p in glob.glob(str(fold2.parent / "wandb" / "offline-run-*"))}
     assert len(glob.glob(str(fold2.parent / "wandb" / "offline-run-*"))) == 2 and len(ids) == 1
     h2 = pd.read_csv(fold2 / "history.csv")
     cols = ["train_loss", "val_loss", "val_acc", "ema_val_loss", "ema_val_acc", "lr"]
