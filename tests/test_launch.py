@@ -270,7 +270,7 @@ def test_submitit_local_executor_no_wait_pickup_and_requeue(small_root, sequenti
 
     second, out = _run(cfg)
     assert second.submission is not None, out
-    assert "waiting for it" in out  # picked up, not submitted again
+    assert "of an earlier run is running; not submitted again" in out  # picked up
     log = job.paths.stdout.read_text()
     assert "requeued: resuming from last.pt" in log and "resuming fold 0" in log, log
     _same_results(ref, tmp_path, ref_summary.submission, second.submission)
