@@ -91,6 +91,19 @@ def test_old_data_root_key_is_read_as_competition_root(shapes_root, tmp_path, ca
     assert "data.root is deprecated" in capsys.readouterr().err
 
 
+
+def test_competition_format_picks_the_reader_and_data_format_is_its_old_name():
+    # design.md's key is competition.format; the readers read data.format, kept equal to it.
+    cfg = load_config(REPO / "configs" / "coco_ssd.yaml", schema=DetectConfig)
+    assert cfg.competition.format == "coco" and cfg.data.format == "coco"
+    old = load_config(REPO / "configs" / "banana_ssd.yaml", ["data.format=yolo"], schema=DetectConfig)
+    assert old.competition.format == "yolo" and old.data.format == "yolo"
+    new = load_config(REPO / "configs" / "banana_ssd.yaml", ["competition.format=voc"], schema=DetectConfig)
+    assert new.data.format == "voc"
+    with pytest.raises(Exception, match="competition.format"):
+        load_config(REPO / "configs" / "banana_ssd.yaml", ["competition.format=voc", "data.format=coco"],
+                    schema=DetectConfig)
+
 def test_nan_on_one_ddp_rank_stops_both_ranks_with_the_message(shapes_root, tmp_path):
     """2 gloo processes; rank 1's loss turns NaN at its first step: both stop with the message
     (the NaN check is agreed across ranks), neither hangs in the next all-reduce."""

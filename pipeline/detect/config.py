@@ -16,6 +16,8 @@ class DetectCompetitionConfig(Section):
     """Where the detection data is: ``competition.root``, the key classification uses too."""
 
     root: PathStr = "data/shapes"
+    # The reader (design.md's competition.format); data.format, the first name, is still read.
+    format: Literal["banana", "coco", "yolo", "voc"] | None = None
 
 
 class DetectDataConfig(Section):
@@ -172,7 +174,7 @@ class DetectSubmissionConfig(Section):
     id_column: str = "image_id"
     prediction_column: str = "PredictionString"
     image_id: Literal["stem", "name"] = "stem"  # an image's id: file name without extension, or with
-    sample_submission: str | None = None  # relative to data.root; ids and order are checked against it
+    sample_submission: str | None = None  # relative to competition.root; ids and order are checked against it
 
     @field_validator("prediction_string")
     @classmethod
@@ -213,4 +215,12 @@ class DetectConfig(RunConfig):
     @model_validator(mode="after")
     def _mirror_root(self) -> DetectConfig:
         self.data.__dict__["root"] = self.competition.root  # __dict__: no re-validation loop
+        fmt, old = self.competition.format, self.data.format
+        if fmt is None:
+            self.competition.__dict__["format"] = old
+        elif old != "banana" and old != fmt:
+            raise ValueError(f"competition.format is {fmt!r} but data.format is {old!r}: set competition.format "
+                             "only (data.format is its old name)")
+        else:
+            self.data.__dict__["format"] = fmt  # the readers take it from the data section
         return self
