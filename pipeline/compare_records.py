@@ -22,6 +22,7 @@ import yaml
 
 from pipeline import paths
 from pipeline.compare_wandb import WandbRun, find_wandb_runs
+from pipeline.config_keys import flatten
 from pipeline.errors import PipelineError
 
 FOLD_DIR = re.compile(r"^fold(\d+)$")
@@ -232,18 +233,6 @@ def load_runs(runs_root: str | Path, experiments: list[str] | None = None) -> li
     else:
         chosen = available
     return [load_run(root / name) for name in chosen]
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> ``{"model.backbone": ..., ...}`` (lists stay values)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def augment_summary(run: RunRecord) -> str:
