@@ -22,7 +22,6 @@ import yaml
 
 from pipeline import paths
 from pipeline.compare_wandb import WandbRun, find_wandb_runs
-from pipeline.config_keys import flatten
 from pipeline.errors import PipelineError
 
 FOLD_DIR = re.compile(r"^fold(\d+)$")
