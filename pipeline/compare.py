@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from pipeline.compare_records import FOLD_DIR, RunRecord, flatten, load_runs, summarize
+from pipeline.compare_records import FOLD_DIR, RunRecord, load_runs, summarize
 from pipeline.compare_wandb import find_wandb_runs
 from pipeline.config import (
     DEFAULT_CONFIG,
@@ -35,6 +35,7 @@ from pipeline.config import (
     build_config,
     config_from_args,
 )
+from pipeline.config_keys import flatten
 from pipeline.errors import PipelineError, cli_entry
 
 FORMATS = ("table", "csv", "markdown", "json")
