@@ -83,7 +83,7 @@ def test_retarget_and_run_clock(tmp_path):
 
 
 def test_detection_training_keeps_to_its_budget(tmp_path, capsys):
-    """A detector whose budget is smaller than one epoch runs that one epoch of the 3 asked for, says
+    """A detector whose budget (10 ms) is far smaller than one epoch on any machine runs that one epoch of the 3 asked for, says
     so, records it, and keeps the best (here: the only) validated weights."""
     from pathlib import Path
 
@@ -96,10 +96,10 @@ def test_detection_training_keeps_to_its_budget(tmp_path, capsys):
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/banana_ssd.yaml", [
         f"data.root={root}", "data.build=null", "data.test=null", "data.test_labels=null", "wandb.mode=disabled",
         f"paths.runs={tmp_path / 'runs'}", "model.img_size=64", "train.epochs=3", "train.batch_size=8",
-        "predict.batch_size=8", "train.time_budget=0.5s"], schema=DetectConfig)
+        "predict.batch_size=8", "train.time_budget=0.01s"], schema=DetectConfig)
     result = train(cfg)
     assert result["epochs_run"] == 1 and result["best_epoch"] == 1  # counted from 1, as history.csv
-    assert result["time_budget_s"] == 0.5 and result["time_budget_notes"] == ["time budget cut 3 epochs to 1"]
+    assert result["time_budget_s"] == 0.01 and result["time_budget_notes"] == ["time budget cut 3 epochs to 1"]
     assert "planning 1 epoch(s) (train.epochs=3, CUT)" in capsys.readouterr().out
 
 
