@@ -26,11 +26,14 @@ demo: setup
 package: setup
 	$(BIN)/python -m pipeline.package --rehearse --force --scale 2 --hidden-size 10000 --limit 9h
 
+# One pytest worker per logical core (at most 4): the tests run torch on one thread each.
+TEST_WORKERS = -n logical --maxprocesses=4 --dist worksteal
+
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(TEST_WORKERS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TEST_WORKERS)
 
 lint: setup
 	$(BIN)/ruff check pipeline tests benchmarks

@@ -76,15 +76,17 @@ def test_notebooks_are_stored_without_outputs(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: strip outputs before committing"
 
 
-def test_eda_notebook_runs(digits_root, tmp_path, kernel_manager_factory):
+def test_eda_notebook_runs(digits_root, tmp_path, kernel_manager_factory, make_cfg, seed_dedup):
+    # The session's dedup of these very images, put where the notebook's config looks: its
+    # ensure_dedup() finds it current instead of running the whole stage again.
+    seed_dedup(make_cfg())
     nb = execute("eda.ipynb", {"CONFIG": str(REPO / "configs" / "default.yaml"),
                                "OVERRIDES": _overrides(tmp_path, digits_root)}, kernel_manager_factory)
     text, images = _outputs(nb)
     assert "train images" in text and "classes" in text
-    assert images >= 3  # class balance, sizes, sample grid (+ the dedup contact sheet when dedup exists)
-    dedup_csv = tmp_path / "work" / "digits" / "dedup.csv"
-    if dedup_csv.is_file():
-        assert "duplicate groups" in text and "conflict" in text
+    assert images >= 4  # class balance, sizes, sample grid, the dedup contact sheet
+    assert "duplicate groups" in text and "conflict" in text
+    assert "running dedup now" not in text  # the seeded outputs were current
 
 
 def test_compare_notebook_runs(make_cfg, digits_root, tmp_path, kernel_manager_factory):
