@@ -241,8 +241,21 @@ def check_detect(device, a) -> str:
     for _ in range(2):
         with amp.autocast():
             out = model(images)
-        cls_t, box_t = targets_for(out["anchors"], boxes, labels, cfg.train.iou_threshold)
-        loss = criterion(out["cls_logits"], out["box_offsets"], cls_t, box_t)
+        # matching and loss must not wait for the GPU: any host sync in them raises here
+        sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else None
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            cls_t, box_t = targets_for(out["anchors"], boxes, labels, cfg.train.iou_threshold,
+                                       grid=out["anchor_grid"], sync_free=True)
+            loss = criterion(out["cls_logits"], out["box_offsets"], cls_t, box_t)
+        finally:
+            if sync_mode is not None:
+                torch.cuda.set_sync_debug_mode(sync_mode)
+        # the same targets as the CPU's matching
+        cpu_cls, cpu_box = targets_for(out["anchors"].cpu(), boxes.cpu(), labels.cpu(), cfg.train.iou_threshold)
+        assert torch.equal(cls_t.cpu(), cpu_cls), "GPU matching differs from the CPU's"
+        assert torch.allclose(box_t.cpu(), cpu_box, atol=1e-5), "GPU box targets differ from the CPU's"
         scaler.scale(loss["loss"]).backward()
         scaler.step(opt)
         scaler.update()
@@ -250,7 +263,7 @@ def check_detect(device, a) -> str:
         losses.append(float(loss["loss"].detach()))
     assert all(map(torch.isfinite, map(torch.tensor, losses))), losses
     return f"TinySSD {cfg.model.img_size} px, {out['anchors'].shape[0]} anchors on {out['anchors'].device.type}: " \
-           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; matching + loss without host syncs, targets = CPU's"
 
 
 CHECKS = [("bf16 autocast", check_bf16), ("fp16 + GradScaler", check_fp16), ("TF32", check_tf32),

@@ -184,21 +184,168 @@ def _greedy_reference(anchors, boxes, thr):
     return out
 
 
-def test_batched_matching_equals_the_course_greedy_assignment_with_conflicts():
-    anchors = make_anchors("d2l", [(8, 8), (4, 4), (2, 2), (1, 1)], 0.2, 0.88, [1, 2, 0.5], (64, 64))
+def _grid_anchors(style: str):
+    from pipeline.detect.anchors import explicit_anchors
+    from pipeline.detect.boxes import AnchorGrid
+
+    shapes = [(8, 8), (4, 4), (2, 2), (1, 1)]
+    if style == "auto":
+        wh = [[[0.1, 0.2], [0.3, 0.15], [0.2, 0.2]]] * len(shapes)
+        anchors = explicit_anchors(shapes, wh)
+    else:
+        anchors = make_anchors(style, shapes, 0.2, 0.88, [1, 2, 0.5], (64, 64))
+    k = anchors.shape[0] // sum(h * w for h, w in shapes)
+    return anchors, AnchorGrid.build(anchors, [(h, w, k) for h, w in shapes])
+
+
+@pytest.mark.parametrize("style", ["d2l", "torchvision", "auto"])
+def test_grid_iou_equals_pairwise_iou_and_box_iou_to_the_bit(style):
+    from torchvision.ops import box_iou
+
+    from pipeline.detect.boxes import AnchorGrid, pairwise_iou
+
+    anchors, grid = _grid_anchors(style)
+    assert grid is not None
+    g = torch.Generator().manual_seed(4)
+    xy = torch.rand(30, 2, generator=g) * 0.8
+    boxes = torch.cat([xy, xy + 0.01 + torch.rand(30, 2, generator=g) * 0.4], -1).clamp(max=1)
+    boxes[3] = 0  # a padding row
+    ref = box_iou(boxes, anchors)
+    assert torch.equal(pairwise_iou(boxes, anchors), ref)
+    assert torch.equal(grid.iou(boxes), ref) and torch.equal(grid.iou(boxes, reuse=True), ref)
+    # anchors that are not grids (shuffled) get no grid, and matching falls back to pairwise_iou
+    assert AnchorGrid.build(anchors[torch.randperm(len(anchors), generator=g)],
+                            [(lv.h, lv.w, lv.k) for lv in grid.levels]) is None
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_batched_matching_equals_the_course_greedy_assignment_with_conflicts(sync_free):
+    anchors, grid = _grid_anchors("d2l")
     g = torch.Generator().manual_seed(5)
-    b, n = 16, 8
+    b, n = 48, 8
     xy = torch.rand(b, n, 2, generator=g) * 0.3 + 0.3  # crowded: boxes contest the same anchors
     boxes = torch.cat([xy, xy + 0.1 + torch.rand(b, n, 2, generator=g) * 0.2], -1).clamp(max=1)
     boxes[0, 1] = boxes[0, 2] = boxes[0, 0]  # three identical boxes need three rounds
     valid = torch.rand(b, n, generator=g) > 0.2
     valid[0, :3] = True
-    matched = match_anchors(anchors, boxes, valid, 0.5)
+    valid[1] = False  # an image without boxes
+    matched = match_anchors(anchors, boxes, valid, 0.5, grid, sync_free=sync_free)
+    assert torch.equal(match_anchors(anchors, boxes, valid, 0.5, None, sync_free=not sync_free), matched)
     for i in range(b):
         keep = valid[i].nonzero().flatten()
+        if len(keep) == 0:
+            assert (matched[i] == -1).all()
+            continue
         ref = _greedy_reference(anchors, boxes[i, keep], 0.5)
         ref = torch.where(ref >= 0, keep[ref.clamp(min=0)], ref)  # back to padded box indices
         assert torch.equal(matched[i], ref), i
+
+
+def test_greedy_chain_a_box_that_loses_its_anchor_takes_the_next_best_pair():
+    """Box 1 loses its best anchor (1) to box 2, then takes anchor 3 from box 0, whose best anchor
+    it was (box 1 overlaps it more): the greedy's order, which one round of best anchors gets wrong."""
+    anchors = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.3, 0.0, 0.7, 0.4], [0.0, 0.5, 0.4, 0.9], [0.5, 0.5, 0.9, 0.9]])
+    gt = torch.tensor([[[0.35, 0.35, 0.7, 0.6], [0.5, 0.15, 0.95, 0.6], [0.4, 0.15, 0.85, 0.45]]])
+    ref = _greedy_reference(anchors, gt[0], 0.5)
+    assert ref.tolist() == [-1, 2, 0, 1]
+    for sync_free in (False, True):
+        got = match_anchors(anchors, gt, torch.ones(1, 3, dtype=torch.bool), 0.5, sync_free=sync_free)
+        assert got[0].tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("style", ["d2l", "torchvision"])
+def test_targets_are_encode_of_the_matched_boxes_on_both_paths(style):
+    from torchvision.ops import box_iou  # noqa: F401  (the reference below is written from scratch)
+
+    anchors, grid = _grid_anchors(style)
+    g = torch.Generator().manual_seed(6)
+    xy = torch.rand(5, 6, 2, generator=g) * 0.6
+    boxes = torch.cat([xy, xy + 0.05 + torch.rand(5, 6, 2, generator=g) * 0.3], -1).clamp(max=1)
+    labels = torch.randint(0, 3, (5, 6), generator=g)
+    labels[2, 4:] = -1
+    labels[4] = -1
+    matched = match_anchors(anchors, boxes, labels >= 0, 0.5)
+    pos = matched >= 0
+    idx = matched.clamp(min=0)
+    want_cls = torch.where(pos, torch.gather(labels, 1, idx) + 1, 0)
+    want_box = encode(anchors.unsqueeze(0), torch.gather(boxes, 1, idx.unsqueeze(-1).expand(-1, -1, 4)))
+    want_box = want_box * pos.unsqueeze(-1)
+    for kw in ({}, {"grid": grid}, {"grid": grid, "sync_free": True}, {"sync_free": True}):
+        cls_t, box_t = targets_for(anchors, boxes, labels, 0.5, **kw)
+        assert torch.equal(cls_t, want_cls) and torch.equal(box_t, want_box), kw
+    assert (want_cls[4] == 0).all() and pos.sum() > 20
+
+
+def _masked_loss_reference(logits, offsets, cls_t, box_t, ratio=3.0):
+    """The hard-negative SSD loss written with boolean selections, as before it was made sync-free."""
+    import torch.nn.functional as F
+
+    pos = cls_t > 0
+    num_pos = pos.sum().clamp(min=1).float()
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cls_t.reshape(-1), reduction="none").view(cls_t.shape)
+    neg = ce.detach().masked_fill(pos, float("-inf"))
+    n_neg = (pos.sum(1, keepdim=True) * ratio).long().clamp(min=1)
+    hard = (neg.argsort(1, descending=True).argsort(1) < n_neg) & ~pos
+    cls = (ce[pos].sum() + ce[hard].sum()) / num_pos
+    box = F.smooth_l1_loss(offsets[pos], box_t[pos], reduction="sum") / num_pos
+    return cls + box
+
+
+def test_loss_without_selections_equals_the_selecting_one_values_and_gradients():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 400, 4, generator=g, requires_grad=True)
+    offsets = torch.randn(3, 400, 4, generator=g, requires_grad=True)
+    cls_t = torch.where(torch.rand(3, 400, generator=g) < 0.05, torch.randint(1, 4, (3, 400), generator=g), 0)
+    cls_t[1] = 0  # an image without positives still mines one negative
+    box_t = torch.randn(3, 400, 4, generator=g) * (cls_t > 0).unsqueeze(-1)
+    want = _masked_loss_reference(logits, offsets, cls_t, box_t)
+    got = MultiBoxLoss("hard_negative")(logits, offsets, cls_t, box_t)["loss"]
+    assert torch.allclose(got, want, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (logits, offsets)), torch.autograd.grad(want, (logits, offsets))):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for the device on a GPU: reading a value
+    (``.item()``, ``bool()``), and results whose size depends on the data (``nonzero``,
+    boolean-mask indexing): what ``torch.cuda.set_sync_debug_mode("error")`` catches there."""
+
+    SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+               "aten::_unique2", "aten::is_nonzero", "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masks = [a for a in (args[1] if name.startswith("aten::index") and len(args) > 1 else [])
+                 if isinstance(a, torch.Tensor) and a.dtype == torch.bool]
+        if name in self.SYNCING or masks:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_detection_matching_and_loss_read_nothing_back_off_the_cpu():
+    model = create_detector(DetectModelConfig(arch="tiny_ssd", img_size=64), num_classes=2)
+    g = torch.Generator().manual_seed(8)
+    xy = torch.rand(2, 5, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(2, 5, 2, generator=g) * 0.3], -1)
+    labels = torch.randint(0, 2, (2, 5), generator=g)
+    labels[0, 3:] = -1
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64, generator=g))
+    criterion = MultiBoxLoss("hard_negative")
+    want = criterion(out["cls_logits"], out["box_offsets"], *targets_for(out["anchors"], boxes, labels, 0.5))
+    with _HostReads() as reads:  # what detection's loss function runs off the CPU (sync_free)
+        cls_t, box_t = targets_for(out["anchors"], boxes, labels, 0.5, grid=out["anchor_grid"], sync_free=True)
+        got = criterion(out["cls_logits"], out["box_offsets"], cls_t, box_t)
+    assert reads.seen == []
+    assert all(isinstance(v, torch.Tensor) for v in got.values())
+    assert torch.allclose(got["loss"], want["loss"], rtol=1e-6) and (cls_t > 0).sum() >= 8
+    with _HostReads() as reads:  # the CPU path reads back (free there): the check sees it
+        targets_for(out["anchors"], boxes, labels, 0.5, grid=out["anchor_grid"], sync_free=False)
+    assert "aten::nonzero" in reads.seen
 
 
 def test_batched_postprocess_equals_one_image_at_a_time():

@@ -24,9 +24,12 @@ class MultiBoxLoss(torch.nn.Module):
 
     def forward(self, cls_logits: torch.Tensor, box_offsets: torch.Tensor, cls_t: torch.Tensor,
                 box_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensors only, on the device: positives and hard negatives are masks, not indexed
+        selections, so nothing waits for the device to say how many there are."""
         cls_logits, box_offsets = cls_logits.float(), box_offsets.float()
         pos = cls_t > 0
         num_pos = pos.sum().clamp(min=1).float()
+        zero = cls_logits.new_zeros(())
         if self.mode == "focal":
             onehot = F.one_hot(cls_t, cls_logits.shape[-1])[..., 1:].to(cls_logits.dtype)
             cls = sigmoid_focal_loss(cls_logits[..., 1:], onehot, self.focal_alpha, self.focal_gamma, "sum") / num_pos
@@ -36,18 +39,19 @@ class MultiBoxLoss(torch.nn.Module):
             if self.mode == "plain":
                 cls = ce.mean()
             else:
-                cls = (ce[pos].sum() + self._hard_negatives(ce, pos).sum()) / num_pos
+                cls = torch.where(pos | self._hard_negatives(ce, pos), ce, zero).sum() / num_pos
         if self.box_loss == "smooth_l1":
-            box = F.smooth_l1_loss(box_offsets[pos], box_t[pos], reduction="sum", beta=1.0)
+            box = F.smooth_l1_loss(box_offsets, box_t, reduction="none", beta=1.0)
         else:
-            box = (box_offsets[pos] - box_t[pos]).abs().sum()
-        box = box / num_pos
+            box = (box_offsets - box_t).abs()
+        box = torch.where(pos.unsqueeze(-1), box, zero).sum() / num_pos
         return {"loss": cls + self.box_weight * box, "cls_loss": cls.detach(), "box_loss": box.detach()}
 
     def _hard_negatives(self, ce: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # Per image, rank background anchors by their loss and keep the top ratio * positives.
+        """Mask of each image's ``neg_pos_ratio`` x positives background anchors of highest loss
+        (at least one): one sort, its first places marked and scattered back."""
         neg_loss = ce.detach().masked_fill(pos, float("-inf"))
         n_neg = (pos.sum(dim=1, keepdim=True) * self.neg_pos_ratio).long().clamp(min=1)
-        rank = neg_loss.argsort(dim=1, descending=True).argsort(dim=1)
-        hard = (rank < n_neg) & ~pos
-        return ce[hard]
+        order = neg_loss.argsort(dim=1, descending=True)
+        places = torch.arange(ce.shape[1], device=ce.device).unsqueeze(0) < n_neg
+        return torch.zeros_like(pos).scatter_(1, order, places) & ~pos

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.detect.anchors import anchors_per_location, make_anchors
+from pipeline.detect.boxes import AnchorGrid
 from pipeline.detect.config import DetectModelConfig
 from pipeline.errors import PipelineError
 
@@ -54,14 +55,20 @@ class SSD(nn.Module):
 
     def anchors_for(self, shapes: list[tuple[int, int]], image_hw: tuple[int, int],
                     device: torch.device) -> torch.Tensor:
+        return self._anchors_and_grid(shapes, image_hw, device)[0]
+
+    def _anchors_and_grid(self, shapes: list[tuple[int, int]], image_hw: tuple[int, int],
+                          device: torch.device) -> tuple[torch.Tensor, AnchorGrid | None]:
         key = (tuple(shapes), tuple(image_hw), str(device))
         if key not in self._anchor_cache:
             if self.anchor_style == "auto" and (not self.anchor_shapes or len(self.anchor_shapes) != len(shapes)):
                 raise PipelineError(
                     f"model.anchors=auto needs fitted shapes for {len(shapes)} feature maps in model.anchor_shapes "
                     f"(has {len(self.anchor_shapes or [])}); training fits them: leave anchor_shapes null there")
-            self._anchor_cache[key] = make_anchors(self.anchor_style, shapes, self.min_size, self.max_size,
-                                                   self.ratios, image_hw, self.anchor_shapes).to(device)
+            anchors = make_anchors(self.anchor_style, shapes, self.min_size, self.max_size, self.ratios, image_hw,
+                                   self.anchor_shapes).to(device)
+            # areas, centres and grid layout for matching, computed once (None if not a grid)
+            self._anchor_cache[key] = anchors, AnchorGrid.build(anchors, [(h, w, self.k) for h, w in shapes])
         return self._anchor_cache[key]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -72,8 +79,9 @@ class SSD(nn.Module):
                          for f, h in zip(feats, self.cls_heads)], dim=1)
         box = torch.cat([h(f).permute(0, 2, 3, 1).reshape(b, -1, 4) for f, h in zip(feats, self.box_heads)], dim=1)
         shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feats]
-        anchors = self.anchors_for(shapes, (int(x.shape[-2]), int(x.shape[-1])), x.device)
-        return {"cls_logits": cls, "box_offsets": box, "anchors": anchors}
+        anchors, grid = self._anchors_and_grid(shapes, (int(x.shape[-2]), int(x.shape[-1])), x.device)
+        # anchor_grid: the anchors' layout and areas for matching (pipeline.detect.boxes.AnchorGrid)
+        return {"cls_logits": cls, "box_offsets": box, "anchors": anchors, "anchor_grid": grid}
 
 
 class TinySSD(SSD):

@@ -63,7 +63,11 @@ EXTENDABLE = ("train.epochs",)
 
 def detection_loss(criterion: MultiBoxLoss, *, amp: Amp, device: torch.device, iou_threshold: float) -> LossFn:
     """The detector's loss function for the engine's loop: anchor matching, then the multibox loss
-    (``loss``, ``cls_loss``, ``box_loss``); the forward pass alone runs under autocast."""
+    (``loss``, ``cls_loss``, ``box_loss``); the forward pass alone runs under autocast.
+
+    Off the CPU nothing here waits for the device (no ``.item()``, no boolean indexing, no
+    data-dependent shapes: matching and loss run ``sync_free``); the engine reads the losses back
+    every ``CHECK_EVERY`` steps and agrees NaNs across ranks there."""
 
     def loss_fn(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
         images, boxes, labels, _ = batch
@@ -71,7 +75,8 @@ def detection_loss(criterion: MultiBoxLoss, *, amp: Amp, device: torch.device, i
         boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with amp.autocast():
             out = model(images)
-        cls_t, box_t = targets_for(out["anchors"], boxes, labels, iou_threshold)
+        cls_t, box_t = targets_for(out["anchors"], boxes, labels, iou_threshold, grid=out.get("anchor_grid"),
+                                   sync_free=device.type != "cpu")
         return criterion(out["cls_logits"].float(), out["box_offsets"].float(), cls_t, box_t), len(images)
 
     return loss_fn
