@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), f"| torch {torch.__version__}")
     root = build_shapes(work / "shapes_half", seed=1, splits={"train": args.train, "val": args.val},
                         object_scale=0.5)
-    sets = [f"data.root={root}", "data.build=null", "data.test=null", "data.test_labels=null",
+    sets = [f"competition.root={root}", "data.build=null", "data.test=null", "data.test_labels=null",
             f"paths.runs={work / 'runs'}", "wandb.mode=disabled", f"model.img_size={args.img_size}",
             f"train.time_budget={args.budget}"]
     base = load_config(REPO / "configs/banana_ssd.yaml", sets, schema=DetectConfig)

@@ -714,8 +714,8 @@ def describe(cfg: BaseModel, config_path: str | Path, overrides: list[str] | Non
     comp = getattr(cfg, "competition", None)
     if comp is not None and hasattr(comp, "slug"):
         parts.append(f"competition {comp.slug} ({comp.root})")
-    elif getattr(cfg, "data", None) is not None and hasattr(cfg.data, "root"):
-        parts.append(f"data {cfg.data.root}")
+    elif comp is not None and hasattr(comp, "root"):  # detection: a folder, no competition slug
+        parts.append(f"data {comp.root}")
     if hasattr(cfg, "experiment"):
         parts.append(f"experiment {cfg.experiment}")
     return ", ".join(parts)

@@ -72,7 +72,7 @@ def test_training_with_auto_anchors_keeps_them(tmp_path, capsys):
 
     root = build_shapes(tmp_path / "small", splits={"train": 8, "val": 4}, object_scale=0.5)
     cfg = load_config(REPO / "configs/banana_ssd.yaml", [
-        f"data.root={root}", "data.build=null", "data.test=null", "data.test_labels=null", "wandb.mode=disabled",
+        f"competition.root={root}", "data.build=null", "data.test=null", "data.test_labels=null", "wandb.mode=disabled",
         f"paths.runs={tmp_path / 'runs'}", "model.img_size=64", "model.anchors=auto", "train.epochs=1",
         "train.batch_size=8", "predict.batch_size=8"], schema=DetectConfig)
     train(cfg)

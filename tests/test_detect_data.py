@@ -28,7 +28,7 @@ def _banana(root: Path, rows: list[tuple], sizes: dict[str, tuple[int, int]]) ->
         cv2.imwrite(str(img_dir / name), np.full((h, w, 3), 120, np.uint8))
     pd.DataFrame(rows, columns=["img_name", "label", "xmin", "ymin", "xmax", "ymax"]).to_csv(
         root / "train" / "label.csv", index=False)
-    return DetectConfig(data={"root": str(root), "build": None, "test_labels": None})
+    return DetectConfig(competition={"root": str(root)}, data={"build": None, "test_labels": None})
 
 
 def test_bad_rows_are_reported_together(tmp_path):
@@ -97,7 +97,8 @@ def test_shapes_set_is_built_in_banana_layout(tmp_path):
     assert set(table["label"]) <= set(CLASSES) and table["img_name"].nunique() == 6
     assert not (root / "test" / "label.csv").exists()
     assert (private_dir(root) / "test" / "label.csv").is_file()
-    cfg = DetectConfig(data={"root": str(root), "test_labels": str(private_dir(root) / "test" / "label.csv")})
+    cfg = DetectConfig(competition={"root": str(root)},
+                       data={"test_labels": str(private_dir(root) / "test" / "label.csv")})
     split = load_split(cfg, "train", CLASSES)  # every generated box passes the checks
     assert sum(len(b) for b in split.boxes) == len(table)
     sizes = {s for s in split.sizes}

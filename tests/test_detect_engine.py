@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.detect.config import DetectConfig
+from pipeline.detect.data import class_names, load_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +90,10 @@ def test_old_data_root_key_is_read_as_competition_root(shapes_root, tmp_path, ca
     cfg = load_config(REPO / "configs" / "banana_ssd.yaml", [f"data.root={shapes_root}"], schema=DetectConfig)
     assert Path(cfg.competition.root) == Path(shapes_root)
     assert "data.root is deprecated" in capsys.readouterr().err
+    # the readers take the folder from competition.root alone: data.root is not kept
+    assert cfg.data.root is None
+    split = load_split(cfg, cfg.data.val, class_names(cfg))
+    assert split.labelled and all(p.is_relative_to(Path(shapes_root)) for p in split.paths)
 
 
 

@@ -28,7 +28,7 @@ def shapes(tmp_path_factory):
 
 
 def _cfg(root: Path, fmt: str, *extra: str, runs: Path | None = None) -> DetectConfig:
-    base = [f"data.root={root}", f"data.format={fmt}", "data.build=null", "data.test=null",
+    base = [f"competition.root={root}", f"competition.format={fmt}", "data.build=null", "data.test=null",
             "data.test_labels=null", "wandb.mode=disabled", "model.img_size=64", "train.batch_size=6",
             "predict.batch_size=6", "train.epochs=1", "train.lr=0.01"]
     if runs is not None:

@@ -21,8 +21,8 @@ class DetectCompetitionConfig(Section):
 
 
 class DetectDataConfig(Section):
-    # The old name of competition.root: accepted with a message, then kept equal to it (readers of
-    # this section take the folder from here).
+    # The old name of competition.root: accepted with a message and moved there, so always None
+    # after validation (the readers take the folder from competition.root).
     root: Annotated[str | None, PATH_KEY] = None
     # banana: label.csv per split; coco: instances JSON; yolo: labels/*.txt; voc: Annotations/*.xml
     format: Literal["banana", "coco", "yolo", "voc"] = "banana"
@@ -213,8 +213,7 @@ class DetectConfig(RunConfig):
         return {**data, "competition": comp, "data": {k: v for k, v in data["data"].items() if k != "root"}}
 
     @model_validator(mode="after")
-    def _mirror_root(self) -> DetectConfig:
-        self.data.__dict__["root"] = self.competition.root  # __dict__: no re-validation loop
+    def _mirror_format(self) -> DetectConfig:
         fmt, old = self.competition.format, self.data.format
         if fmt is None:
             self.competition.__dict__["format"] = old
@@ -222,5 +221,5 @@ class DetectConfig(RunConfig):
             raise ValueError(f"competition.format is {fmt!r} but data.format is {old!r}: set competition.format "
                              "only (data.format is its old name)")
         else:
-            self.data.__dict__["format"] = fmt  # the readers take it from the data section
+            self.data.__dict__["format"] = fmt  # the old key kept equal (the readers read competition.format)
         return self

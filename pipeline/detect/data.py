@@ -1,5 +1,5 @@
 """Detection data: the banana reader (label tables checked row by row; COCO, YOLO and VOC are in
-``readers.py``, chosen by ``data.format``), a dataset with bbox-aware albumentations, and a
+``readers.py``, chosen by ``competition.format``), a dataset with bbox-aware albumentations, and a
 collate that pads boxes per batch.
 
 Banana layout: ``<root>/<split>/images/*`` and ``<root>/<split>/label.csv`` with columns
@@ -43,11 +43,12 @@ class Split:
 
 def ensure_dataset(cfg: DetectConfig) -> None:
     """Build the embedded default set on first use when ``data.build`` asks for it."""
-    if cfg.data.build == "shapes" and not (Path(cfg.data.root) / cfg.data.train / "label.csv").is_file():
+    root = cfg.competition.root
+    if cfg.data.build == "shapes" and not (Path(root) / cfg.data.train / "label.csv").is_file():
         from pipeline.detect.shapes import build_shapes
 
-        print(f"building the embedded detection set in {cfg.data.root} (first use)")
-        build_shapes(cfg.data.root)
+        print(f"building the embedded detection set in {root} (first use)")
+        build_shapes(root)
 
 
 def _sort_classes(names: list[str]) -> list[str]:
@@ -76,11 +77,11 @@ def class_names(cfg: DetectConfig) -> list[str]:
     other formats: what their files say (``readers.read_classes``)."""
     if cfg.data.classes:
         return list(cfg.data.classes)
-    if cfg.data.format != "banana":
+    if cfg.competition.format != "banana":
         from pipeline.detect.readers import read_classes
 
-        return read_classes(cfg.data)
-    table = read_label_table(candidates(cfg.data, cfg.data.train, "labels")[0])
+        return read_classes(cfg)
+    table = read_label_table(candidates(cfg, cfg.data.train, "labels")[0])
     return _sort_classes(table["label"].dropna().astype(str).str.strip().tolist())
 
 
@@ -98,17 +99,17 @@ def load_split(cfg: DetectConfig, split: str, classes: list[str], labels_path: P
     """Read and check one split; every bad row is reported in one error.
 
     Args:
-        split: split name (``data.train``, ``data.val``, ``data.test``): a folder under ``data.root``
+        split: split name (``data.train``, ``data.val``, ``data.test``): a folder under ``competition.root``
             in the banana layout; for other formats see ``layout.py``.
         labels_path: labels kept elsewhere (``data.test_labels``); default: the format's place.
             Without labels, a split with an image folder is unlabelled (all its images).
     """
-    if cfg.data.format != "banana":
+    if cfg.competition.format != "banana":
         from pipeline.detect.readers import read_split
 
-        return read_split(cfg.data, split, classes, labels_path)
-    img_dir = candidates(cfg.data, split, "images")[0]
-    labels_path = labels_path or candidates(cfg.data, split, "labels")[0]
+        return read_split(cfg, split, classes, labels_path)
+    img_dir = candidates(cfg, split, "images")[0]
+    labels_path = labels_path or candidates(cfg, split, "labels")[0]
     if not labels_path.is_file():
         if not img_dir.is_dir():
             raise PipelineError(f"split {split!r}: neither {labels_path} nor {img_dir} exists; "

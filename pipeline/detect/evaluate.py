@@ -37,12 +37,12 @@ def labelled_split(cfg: DetectConfig, split: str | None, classes: list[str]) -> 
     test_labels = Path(cfg.data.test_labels) if cfg.data.test_labels else None
     if split is None:
         has_test = cfg.data.test and ((test_labels and test_labels.exists())
-                                      or labels_location(cfg.data, cfg.data.test) is not None)
+                                      or labels_location(cfg, cfg.data.test) is not None)
         split = cfg.data.test if has_test else cfg.data.val
     labels = test_labels if split == cfg.data.test and test_labels and test_labels.exists() else None
     s = load_split(cfg, split, classes, labels)
     if not s.labelled:
-        raise PipelineError(f"split {split!r} has no labels (looked in {tried(cfg.data, split, 'labels')}, "
+        raise PipelineError(f"split {split!r} has no labels (looked in {tried(cfg, split, 'labels')}, "
                             "and data.test_labels does not point to them); evaluate val instead")
     return s
 

@@ -1,8 +1,8 @@
-"""Where a detection split's images and labels are, for each ``data.format``, and the problem list
+"""Where a detection split's images and labels are, for each ``competition.format``, and the problem list
 every reader fills before it raises one error.
 
 Path values (``data.images``, ``data.labels``, ``data.classes_file``) holding ``{split}`` are
-relative to ``data.root``; other relative values to ``<root>/<split>/``; absolute ones are taken
+relative to ``competition.root``; other relative values to ``<root>/<split>/``; absolute ones are taken
 as they are. Left null, the format's usual places are tried in this order:
 
     banana  images: <split>/images                 labels: <split>/label.csv
@@ -41,45 +41,47 @@ def resolve(root: str | Path, split: str, template: str) -> Path:
     return Path(root) / value if "{split}" in template else Path(root) / split / value
 
 
-def candidates(section, split: str, kind: str) -> list[Path]:
-    """``data.<kind>`` when set, else the format's usual places for ``kind`` (images or labels)."""
-    given = getattr(section, kind)
-    templates = [given] if given else DEFAULTS[section.format][kind]
+def candidates(cfg, split: str, kind: str) -> list[Path]:
+    """``data.<kind>`` when set, else the format's usual places for ``kind`` (images or labels),
+    under ``competition.root`` (``cfg`` is a :class:`pipeline.detect.config.DetectConfig`)."""
+    given = getattr(cfg.data, kind)
+    templates = [given] if given else DEFAULTS[cfg.competition.format][kind]
     out: list[Path] = []
     for t in templates:
-        p = resolve(section.root, split, t)
+        p = resolve(cfg.competition.root, split, t)
         if p not in out:
             out.append(p)
     return out
 
 
-def find(section, split: str, kind: str, want_dir: bool | None = None) -> Path | None:
+def find(cfg, split: str, kind: str, want_dir: bool | None = None) -> Path | None:
     """The first of :func:`candidates` that exists (a folder or a file as ``want_dir`` says)."""
-    for p in candidates(section, split, kind):
+    for p in candidates(cfg, split, kind):
         ok = p.is_dir() if want_dir else p.is_file() if want_dir is False else p.exists()
         if ok:
             return p
     return None
 
 
-def tried(section, split: str, kind: str) -> str:
+def tried(cfg, split: str, kind: str) -> str:
     key = f"data.{kind}"
-    where = ", ".join(str(p) for p in candidates(section, split, kind))
-    hint = "" if getattr(section, kind) else f" (set {key} to where they are)"
+    where = ", ".join(str(p) for p in candidates(cfg, split, kind))
+    hint = "" if getattr(cfg.data, kind) else f" (set {key} to where they are)"
     return f"{where}{hint}"
 
 
-def class_file(section) -> Path | None:
+def class_file(cfg) -> Path | None:
     """``data.classes_file``, else the first of data.yaml, dataset.yaml, classes.txt, obj.names in root."""
-    if section.classes_file:
-        p = Path(section.classes_file)
-        p = p if p.is_absolute() else Path(section.root) / p
+    root = Path(cfg.competition.root)
+    if cfg.data.classes_file:
+        p = Path(cfg.data.classes_file)
+        p = p if p.is_absolute() else root / p
         if not p.is_file():
-            raise PipelineError(f"data.classes_file={section.classes_file!r}: {p} does not exist")
+            raise PipelineError(f"data.classes_file={cfg.data.classes_file!r}: {p} does not exist")
         return p
     for name in CLASS_FILES:
-        if (Path(section.root) / name).is_file():
-            return Path(section.root) / name
+        if (root / name).is_file():
+            return root / name
     return None
 
 

@@ -56,7 +56,7 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
     out_dir = run_dir(cfg)
     atomic_write_csv(out_dir / paths.DETECTIONS, table)
     form = cfg.submission
-    submitted = table if form.form == "boxes" else prediction_string_table(data, dets, classes, form, cfg.data.root)
+    submitted = table if form.form == "boxes" else prediction_string_table(data, dets, classes, form, cfg.competition.root)
     # never overwritten: two predictions in the same second get -2, -3 ... (as classification's)
     sub = write_submission(submitted, paths.submissions_dir(cfg), cfg.experiment, {
         "experiment": cfg.experiment, "checkpoint": str(out_dir / paths.checkpoint_name(which)), "split": split,
@@ -81,7 +81,7 @@ def predict(cfg: DetectConfig, split: str | None = None, draw: bool | None = Non
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m pipeline.detect.predict", description=__doc__.split("\n\n")[0])
     add_config_args(parser, DEFAULT_DETECT_CONFIG)
-    parser.add_argument("--split", default=None, help="split folder under data.root (default: predict.split, else data.test)")
+    parser.add_argument("--split", default=None, help="split folder under competition.root (default: predict.split, else data.test)")
     parser.add_argument("--draw", action="store_true", default=None, help="also write images with boxes drawn")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     parser.add_argument("--no-tta", dest="tta", action="store_false",

@@ -1,4 +1,4 @@
-"""One entry point for every label format: ``data.format`` picks the reader (banana, COCO, YOLO,
+"""One entry point for every label format: ``competition.format`` picks the reader (banana, COCO, YOLO,
 Pascal VOC); each checks the whole split up front and lists every problem in one error."""
 from __future__ import annotations
 
@@ -8,44 +8,44 @@ from pipeline.detect.layout import class_file, find, tried
 from pipeline.errors import PipelineError
 
 
-def labels_location(section, split: str) -> Path | None:
+def labels_location(cfg, split: str) -> Path | None:
     """The split's label file (banana, coco) or folder (yolo, voc), if it exists."""
-    want_dir = section.format in ("yolo", "voc")
-    return find(section, split, "labels", want_dir=want_dir)
+    want_dir = cfg.competition.format in ("yolo", "voc")
+    return find(cfg, split, "labels", want_dir=want_dir)
 
 
-def image_folder(section, split: str) -> Path:
-    folder = find(section, split, "images", want_dir=True)
+def image_folder(cfg, split: str) -> Path:
+    folder = find(cfg, split, "images", want_dir=True)
     if folder is None:
-        raise PipelineError(f"split {split!r}: no image folder; looked in {tried(section, split, 'images')}; "
-                            f"check competition.root={section.root!r}, data.format={section.format!r} and the split names")
+        raise PipelineError(f"split {split!r}: no image folder; looked in {tried(cfg, split, 'images')}; "
+                            f"check competition.root={cfg.competition.root!r}, competition.format={cfg.competition.format!r} and the split names")
     return folder
 
 
-def _image_folders(section, split: str) -> list[Path]:
+def _image_folders(cfg, split: str) -> list[Path]:
     from pipeline.detect.layout import candidates
 
-    found = [p for p in candidates(section, split, "images") if p.is_dir()]
+    found = [p for p in candidates(cfg, split, "images") if p.is_dir()]
     if not found:
-        image_folder(section, split)  # raises with the places it tried
+        image_folder(cfg, split)  # raises with the places it tried
     return found
 
 
-def read_classes(section) -> list[str]:
+def read_classes(cfg) -> list[str]:
     """``data.classes`` if given, else what the format's files say (see each reader's docstring)."""
-    if section.classes:
-        return list(section.classes)
-    fmt = section.format
-    labels = labels_location(section, section.train)
+    if cfg.data.classes:
+        return list(cfg.data.classes)
+    fmt = cfg.competition.format
+    labels = labels_location(cfg, cfg.data.train)
     if fmt == "yolo":
-        f = class_file(section)
+        f = class_file(cfg)
         if f is not None:
             from pipeline.detect.yolo import names_from_file
 
             return names_from_file(f)
     if labels is None:
-        raise PipelineError(f"no labels for the train split {section.train!r}; looked in "
-                            f"{tried(section, section.train, 'labels')}")
+        raise PipelineError(f"no labels for the train split {cfg.data.train!r}; looked in "
+                            f"{tried(cfg, cfg.data.train, 'labels')}")
     if fmt == "coco":
         from pipeline.detect.coco import coco_classes
 
@@ -60,13 +60,13 @@ def read_classes(section) -> list[str]:
         return [str(i) for i in range(top + 1)]
     from pipeline.detect.voc import voc_names, xml_files
 
-    names = voc_names(xml_files(labels, Path(section.root), section.train))
+    names = voc_names(xml_files(labels, Path(cfg.competition.root), cfg.data.train))
     if not names:
         raise PipelineError(f"no <object><name> in the XML files of {labels}; list the classes in data.classes")
     return names
 
 
-def read_split(section, split: str, classes: list[str], labels: Path | None = None):
+def read_split(cfg, split: str, classes: list[str], labels: Path | None = None):
     """The split's images and boxes (a :class:`pipeline.detect.data.Split`), checked.
 
     Args:
@@ -75,33 +75,33 @@ def read_split(section, split: str, classes: list[str], labels: Path | None = No
     """
     from pipeline.detect.data import unlabelled_split
 
-    labels = labels or labels_location(section, split)
-    fmt = section.format
+    labels = labels or labels_location(cfg, split)
+    fmt = cfg.competition.format
     if fmt == "coco":
         from pipeline.detect.coco import read_coco
 
         if labels is None:
-            return unlabelled_split(image_folder(section, split), split)
-        return read_coco(labels, _image_folders(section, split), classes, split)
+            return unlabelled_split(image_folder(cfg, split), split)
+        return read_coco(labels, _image_folders(cfg, split), classes, split)
     if fmt == "yolo":
         from pipeline.detect.yolo import read_yolo
 
-        return read_yolo(image_folder(section, split), labels, classes, split)
+        return read_yolo(image_folder(cfg, split), labels, classes, split)
     if fmt == "voc":
         from pipeline.detect.voc import read_voc, xml_files
 
         if labels is None:
-            return unlabelled_split(image_folder(section, split), split)
-        files = xml_files(labels, Path(section.root), split)
-        return read_voc(files, _voc_image_folder(section, split, files), classes, split)
-    raise PipelineError(f"data.format={fmt!r} has no reader here; use banana, coco, yolo or voc")
+            return unlabelled_split(image_folder(cfg, split), split)
+        files = xml_files(labels, Path(cfg.competition.root), split)
+        return read_voc(files, _voc_image_folder(cfg, split, files), classes, split)
+    raise PipelineError(f"competition.format={fmt!r} has no reader here; use banana, coco, yolo or voc")
 
 
-def _voc_image_folder(section, split: str, files: list[Path]) -> Path:
+def _voc_image_folder(cfg, split: str, files: list[Path]) -> Path:
     """The first image folder holding the first XML's image (VOC names files relative to it)."""
     from pipeline.detect.voc import _parse
 
-    folders = _image_folders(section, split)
+    folders = _image_folders(cfg, split)
     if files:
         root, _ = _parse(files[0])
         name = (root.findtext("filename") or "").strip() if root is not None else ""

@@ -94,7 +94,7 @@ def sample_path(sub, root: str | Path) -> Path | None:
     p = p if p.is_absolute() else Path(root) / p
     if not p.is_file():
         raise PipelineError(f"submission.sample_submission: {p} does not exist; give its path (relative to "
-                            "data.root) or null to write without one")
+                            "competition.root) or null to write without one")
     return p
 
 
