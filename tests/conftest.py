@@ -15,14 +15,31 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A folder made once for the whole test session: by this process alone, or under pytest-xdist
+    (``make test``) by the first worker that gets there, the others waiting on a file lock and
+    then reusing it. ``build(folder)`` fills it; a marker file says it finished."""
+    from filelock import FileLock
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if worker else base  # the workers' temp folders share this parent
+    folder, done = base / f"shared_{name}", base / f"shared_{name}.done"
+    with FileLock(str(base / f"shared_{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """The embedded default competition, built once (read-only for tests: copy before changing)."""
     from pipeline.data.digits import build_digits
 
-    root = tmp_path_factory.mktemp("data") / "digits"
-    build_digits(root)
-    return root
+    return _shared_dir(tmp_path_factory, "data", lambda d: build_digits(d / "digits")) / "digits"
 
 
 @pytest.fixture(scope="session")
@@ -31,14 +48,19 @@ def digits_dedup(digits_root, tmp_path_factory):
     steps of the suite); returns (cfg, dedup table, report). Read-only: copy with ``seed_dedup``."""
     import json
 
+    import pandas as pd
+
     from pipeline import paths
     from pipeline.config import load_config
     from pipeline.dedup import run_dedup
 
-    work = tmp_path_factory.mktemp("dedup_work")
-    cfg = load_config(REPO / "configs" / "default.yaml", [f"paths.work={work}", f"competition.root={digits_root}",
-                                                          "wandb.mode=disabled"])
-    out = run_dedup(cfg, quiet=True)
+    def config(work: Path):
+        return load_config(REPO / "configs" / "default.yaml", [f"paths.work={work}", f"competition.root={digits_root}",
+                                                               "wandb.mode=disabled"])
+
+    work = _shared_dir(tmp_path_factory, "dedup_work", lambda d: run_dedup(config(d), quiet=True))
+    cfg = config(work)
+    out = pd.read_csv(paths.dedup_csv(cfg))
     return cfg, out, json.loads(paths.dedup_report(cfg).read_text())
 
 
