@@ -333,7 +333,7 @@ def speed(device, a) -> list[dict]:
         amp = resolve_amp(cfg.train.amp, device)
         mixup = create_mixup(cfg.train, len(comp.classes))
         loss_fn = classification_loss(create_train_loss(cfg.train, mixup), amp=amp, device=device, mixup=mixup,
-                                      channels_last=True)
+                                      channels_last=True, mean=cfg.train.augment.mean, std=cfg.train.augment.std)
         scaler = amp.grad_scaler()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

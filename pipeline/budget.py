@@ -41,7 +41,8 @@ def seconds_per_forward(cfg: Config, member, n_images: int | None = None, rounds
     test = load_competition(cfg.competition).test
     tf = member_transform(train_cfg)
     x = torch.stack([tf(image=read_image(p))["image"] for p in test["path"].head(n_images)])
-    run = dict(device=device, amp=train_cfg.train.amp, channels_last=train_cfg.train.channels_last)
+    tc = train_cfg.train
+    run = dict(device=device, amp=tc.amp, channels_last=tc.channels_last, mean=tc.augment.mean, std=tc.augment.std)
     predict_views(model, [x], views[:1], **run)  # warm-up: first-call allocations, lazy inits
     times = []
     for _ in range(rounds):

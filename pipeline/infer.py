@@ -82,9 +82,10 @@ def member_config(root: Path, member: str) -> Config:
 
 
 def preprocess_key(train_cfg: Config) -> tuple:
-    """What decides the input tensor; members equal in it share one decoded batch."""
+    """What decides the decoded uint8 batch; members equal in it share one (each normalises it on the
+    device with its own mean and std)."""
     aug = train_cfg.train.augment
-    return (train_cfg.train.img_size, aug.eval_crop_pct, tuple(aug.mean), tuple(aug.std), cache_size(train_cfg))
+    return (train_cfg.train.img_size, aug.eval_crop_pct, cache_size(train_cfg))
 
 
 def cache_size(train_cfg: Config) -> int | None:
@@ -209,8 +210,9 @@ def predict_group(models: list[FoldModel], paths: list[str], batch_size: int, nu
         bad += (np.flatnonzero(flag.numpy() == -2) + seen).tolist()
         seen += len(x)
         for m in models:
-            logp = predict_views(m.model, [x], m.views, device=device, amp=m.train_cfg.train.amp,
-                                 channels_last=m.train_cfg.train.channels_last)
+            t = m.train_cfg.train
+            logp = predict_views(m.model, [x], m.views, device=device, amp=t.amp, channels_last=t.channels_last,
+                                 mean=t.augment.mean, std=t.augment.std)
             out[(m.member, m.fold)].append(merge_log_probs(logp, m.merge).double().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}, bad
 
@@ -319,6 +321,7 @@ def check_package(package: str | Path, device: str = "auto", quiet: bool = False
     """Load every weight file into this machine's torch/timm and run one batch (the notebook's first step)."""
     import timm
 
+    from pipeline.data.device_input import DeviceInput
     from pipeline.engine.distributed import resolve_device
 
     root = Path(package)
@@ -329,9 +332,9 @@ def check_package(package: str | Path, device: str = "auto", quiet: bool = False
     for m in models:
         size = m.train_cfg.train.img_size
         # The image side too: cv2 (opencv-python or -headless) and the member's albumentations transform.
-        x = member_transform(m.train_cfg)(image=np.zeros((size, size, 3), np.uint8))["image"][None].to(dev)
+        x = member_transform(m.train_cfg)(image=np.zeros((size, size, 3), np.uint8))["image"][None]
         with torch.inference_mode():
-            y = m.model(x)
+            y = m.model(DeviceInput.for_training(m.train_cfg.train, dev)(x))
         if tuple(y.shape) != (1, len(spec["classes"])):
             raise PipelineError(f"{pf.weights_file(m.member, m.fold)}: the model gives {tuple(y.shape)} outputs, "
                                 f"expected (1, {len(spec['classes'])})")

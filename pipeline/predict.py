@@ -179,7 +179,8 @@ def predict_fold(cfg: Config, fold: int, force: bool = False, quiet: bool = Fals
     transform = eval_transform(train_cfg.train.img_size, aug)
     # The images as training saw them: the resized-image cache of the checkpoint's settings, if any.
     reader = image_reader(cfg, comp.root, cache=train_cfg.cache, train=train_cfg.train)
-    run = dict(device=device, amp=train_cfg.train.amp, channels_last=train_cfg.train.channels_last, progress=not quiet)
+    run = dict(device=device, amp=train_cfg.train.amp, channels_last=train_cfg.train.channels_last, mean=aug.mean,
+               std=aug.std, progress=not quiet)
     oof_paths = [str(comp.root / p) for p in oof["image"]]
     logp_oof = predict_views(model, _loader(oof_paths, transform, cfg, device, reader), views,
                              desc=f"fold{fold} oof", **run)

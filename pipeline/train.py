@@ -373,11 +373,12 @@ def _evaluator(cfg: Config, eval_model, ema, val_loader, n_val: int, val_shard: 
     metric, t = cfg.competition.metric, cfg.train
 
     def evaluate(epoch: int) -> Validation:
-        res = validate(eval_model, val_loader, n_val, val_shard, info=info, amp=amp, channels_last=t.channels_last)
+        inputs = dict(channels_last=t.channels_last, mean=t.augment.mean, std=t.augment.std)
+        res = validate(eval_model, val_loader, n_val, val_shard, info=info, amp=amp, **inputs)
         ema_res = None
         if ema is not None:
-            ema_res = validate(ema.module, val_loader, n_val, val_shard, info=info, amp=amp,
-                               channels_last=t.channels_last, desc="valid ema")
+            ema_res = validate(ema.module, val_loader, n_val, val_shard, info=info, amp=amp, desc="valid ema",
+                               **inputs)
         chosen = ema_res if ema_res is not None else res
         nan = float("nan")
         return Validation(
@@ -457,7 +458,8 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
     else:
         mixup = create_mixup(t, len(classes))
         criterion = create_train_loss(t, mixup)
-    loss_fn = classification_loss(criterion, amp=amp, device=info.device, mixup=mixup, channels_last=t.channels_last)
+    loss_fn = classification_loss(criterion, amp=amp, device=info.device, mixup=mixup, channels_last=t.channels_last,
+                                  mean=t.augment.mean, std=t.augment.std)
     swa = _swa(cfg, fold, bare, optimizer, resumed=ckpt is not None)
     seed_everything(cfg.seed + info.rank)  # data order, Mixup and dropout differ between ranks
     state = restore(parts, ckpt, info) if ckpt is not None else FitState()
@@ -551,9 +553,9 @@ def _finish_swa(cfg: Config, fold: int, swa: Swa, train_loader, val_loader, n_va
                 amp, info: DistInfo, classes: list[str]) -> dict[str, Any]:
     """BatchNorm statistics for the averaged weights, their validation, and the fold's best.pt made of them."""
     seed_epoch(train_loader, cfg.train.epochs)  # a fixed pass over the training data, as in any epoch
-    swa.update_bn(train_loader, info.device)
-    res = validate(swa.module, val_loader, n_val, val_shard, info=info, amp=amp, channels_last=cfg.train.channels_last,
-                   desc="valid swa")
+    inputs = dict(channels_last=cfg.train.channels_last, mean=cfg.train.augment.mean, std=cfg.train.augment.std)
+    swa.update_bn(train_loader, info.device, **inputs)
+    res = validate(swa.module, val_loader, n_val, val_shard, info=info, amp=amp, desc="valid swa", **inputs)
     final = {"val_acc": res.accuracy, "val_loss": res.loss, "epochs": [e + 1 for e in swa.epochs],
              "probs": torch.from_numpy(np.asarray(res.probs, np.float32))}
     if info.is_main:

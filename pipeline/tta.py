@@ -181,37 +181,64 @@ def merge_log_probs(log_probs: Tensor, method: str = "mean") -> Tensor:
     raise PipelineError(f"predict.tta_merge: {method!r} is not mean or geometric")
 
 
+STACK_IMAGES = 512  # most images in one stacked forward pass (views x batch), so memory stays bounded
+
+
+def _forward_views(model: torch.nn.Module, x: Tensor, views: Sequence[View], autocast, channels_last: bool) -> Tensor:
+    """``(V, B, C)`` log-softmax of the views of one batch.
+
+    Views of the same output shape are concatenated and run in one forward pass (up to
+    :data:`STACK_IMAGES` images): a batch of 32 through 8 views is then one pass of 256, not
+    eight small ones that each pay the per-layer launch and dispatch costs. In eval mode each
+    image's output does not depend on what else is in the batch, so the results are those of
+    one pass per view (to float rounding).
+    """
+    xs = [view(x) for view in views]
+    out: list[Tensor | None] = [None] * len(xs)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, xv in enumerate(xs):
+        by_shape.setdefault(tuple(xv.shape), []).append(i)
+    per_pass = max(1, STACK_IMAGES // max(len(x), 1))
+    for members in by_shape.values():
+        for start in range(0, len(members), per_pass):
+            chunk = members[start:start + per_pass]
+            xv = torch.cat([xs[i] for i in chunk]) if len(chunk) > 1 else xs[chunk[0]]
+            if channels_last:
+                xv = xv.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(xv)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for i, part in zip(chunk, logp.split(len(x))):
+                out[i] = part
+    return torch.stack(out)
+
+
 @torch.inference_mode()
 def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[View], *,
                   device: torch.device, amp: str = "auto", channels_last: bool = False,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                   progress: bool = False, desc: str = "predict") -> Tensor:
     """Log-softmax of every view for every image: a ``(V, N, C)`` float32 CPU tensor.
 
     Args:
         model: the classifier (put in eval mode here).
-        batches: iterable of ``(images, targets)`` or image tensors, normalized ``(B, C, H, W)``.
-        views: from :func:`build_views`.
+        batches: iterable of ``(images, targets)`` or image tensors ``(B, C, H, W)``: uint8 pixels
+            (normalised on the device by ``mean``/``std``) or already normalised floats.
+        views: from :func:`build_views`; applied to the normalised batch on the device.
     """
+    from pipeline.data.device_input import DeviceInput
     from pipeline.engine.amp import resolve_amp
     from pipeline.progress import bar
 
     autocast = resolve_amp(amp, device).autocast  # the same precision rules as training
+    to_input = DeviceInput(device, mean, std)
     model.eval()
     out: list[Tensor] = []
     it = bar(batches, desc=desc, leave=False, enabled=progress)
     for batch in it:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        x = x.to(device, non_blocking=True)
-        per_view = []
-        for view in views:
-            xv = view(x)
-            if channels_last:
-                xv = xv.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = model(xv)
-            per_view.append(torch.log_softmax(logits.float(), dim=-1))
-        out.append(torch.stack(per_view).cpu())
+        x = to_input(batch[0] if isinstance(batch, (list, tuple)) else batch)
+        out.append(_forward_views(model, x, views, autocast, channels_last))
     if not out:
         return torch.empty(len(views), 0, 0)
-    return torch.cat(out, dim=1)
-
+    # One transfer at the end, not a host sync per batch.
+    return torch.cat(out, dim=1).cpu()

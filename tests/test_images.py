@@ -9,6 +9,7 @@ from PIL import Image
 
 from pipeline.config import AugmentConfig
 from pipeline.data import ImageDataset, ImageReadError, read_image
+from pipeline.data.device_input import DeviceInput
 from pipeline.data.transforms import eval_transform, train_transform
 
 H, W = 12, 16
@@ -149,7 +150,8 @@ def test_dataset_transforms_and_cache(tmp_path, rgb):
     aug = AugmentConfig(hflip=0.5, vflip=0.5, rotate=15, color_jitter=0.2, scale_min=0.5)
     train = ImageDataset(paths, [2, 0, 1], transform=train_transform(24, aug))
     x, y = train[0]
-    assert isinstance(x, torch.Tensor) and x.shape == (3, 24, 24) and x.dtype == torch.float32 and y == 2
+    # uint8 pixels: the loaders leave normalisation to the device (pipeline.data.device_input)
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 2
 
     test = ImageDataset(paths, transform=eval_transform(24, AugmentConfig()), cache=True)
     x, y = test[1]
@@ -179,4 +181,5 @@ def test_eval_transform_resizes_crops_and_normalises(tmp_path):
     x, _ = ImageDataset([tmp_path / "grey.png"], transform=eval_transform(16, aug))[0]
     assert x.shape == (3, 16, 16)  # short side to 16 / 0.8 = 20, then a 16 px center crop
     expected = (128 / 255 - np.array(aug.mean)) / np.array(aug.std)
+    x = DeviceInput(torch.device("cpu"), aug.mean, aug.std)(x[None])[0]
     assert np.allclose(x.mean(dim=(1, 2)).numpy(), expected, atol=1e-3)

@@ -33,7 +33,7 @@ def fake_fold(cfg, fold: int = 0, seed: int = 0) -> pd.DataFrame:
     save_config(cfg, paths.run_dir(cfg) / "config.yaml")
     save_classes(classes, paths.run_dir(cfg) / "classes.json")
     val = comp.train.iloc[fold * N_VAL:(fold + 1) * N_VAL]
-    tf = eval_transform(cfg.train.img_size, cfg.train.augment)
+    tf = eval_transform(cfg.train.img_size, cfg.train.augment, normalize=True)  # the CPU-normalised reference
     from pipeline.data import read_image
 
     x = torch.stack([tf(image=read_image(p))["image"] for p in val["path"]])

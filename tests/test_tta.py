@@ -108,15 +108,31 @@ def test_unknown_tta_name_is_reported():
         build_views(["rot45"])
 
 
-def test_predict_views_runs_whole_batches_through_a_timm_model():
+def test_predict_views_stacks_the_views_of_a_batch_into_one_forward_pass(monkeypatch):
     import timm
 
-    model = timm.create_model("test_resnet", num_classes=4, pretrained=False)
+    import pipeline.tta as tta
+
+    model = timm.create_model("test_resnet", num_classes=4, pretrained=False).eval()
     views, _ = build_views(["identity", "hflip", "five_crop"])
     x = torch.randn(6, 3, 32, 32)
     calls = []
     model.register_forward_pre_hook(lambda m, inp: calls.append(inp[0].shape[0]))
     logp = predict_views(model, [(x[:4], None), (x[4:], None)], views, device=torch.device("cpu"))
     assert logp.shape == (7, 6, 4)
-    assert calls == [4] * 7 + [2] * 7  # one forward per view per batch, never per image
+    assert calls == [4 * 7, 2 * 7]  # the 7 views of a batch in one pass, never one per image or per view
+    with torch.no_grad():  # the same outputs as one forward pass per view
+        direct = torch.stack([torch.log_softmax(model(v(x)), -1) for v in views])
+    torch.testing.assert_close(logp, direct, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(logp.exp().sum(-1).numpy(), 1.0, rtol=1e-5)
+
+    # views of another shape (scale_ on a model that takes any size) get their own pass, and a stack
+    # never exceeds STACK_IMAGES images
+    monkeypatch.setattr(tta, "STACK_IMAGES", 12)
+    views, _ = build_views(["identity", "hflip", "vflip", "scale_1.25"])
+    calls.clear()
+    logp = predict_views(model, [x], views, device=torch.device("cpu"))
+    assert calls == [12, 6, 6]  # identity+hflip, then vflip (the cap), then the 40-px view
+    with torch.no_grad():
+        direct = torch.stack([torch.log_softmax(model(v(x)), -1) for v in views])
+    torch.testing.assert_close(logp, direct, atol=1e-5, rtol=1e-5)

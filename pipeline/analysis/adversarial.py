@@ -32,7 +32,7 @@ class AdversarialResult:
 
 
 def _features(model: torch.nn.Module, image_paths: list[str], transform, device: torch.device, amp: str,
-              batch_size: int) -> np.ndarray:
+              batch_size: int, to_input) -> np.ndarray:
     from pipeline.data import ImageDataset
     from pipeline.engine.amp import resolve_amp
 
@@ -43,9 +43,9 @@ def _features(model: torch.nn.Module, image_paths: list[str], transform, device:
     with torch.inference_mode():
         for x, _ in loader:
             with autocast():
-                f = model.forward_head(model.forward_features(x.to(device, non_blocking=True)), pre_logits=True)
-            out.append(f.float().flatten(1).cpu())
-    return torch.cat(out).numpy()
+                f = model.forward_head(model.forward_features(to_input(x)), pre_logits=True)
+            out.append(f.float().flatten(1))
+    return torch.cat(out).cpu().numpy()
 
 
 def _cv_scores(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
@@ -68,6 +68,7 @@ def adversarial_validation(cfg: Config, oof_images: list[str], oof_folds: np.nda
     from sklearn.metrics import roc_auc_score
 
     from pipeline.data import load_competition
+    from pipeline.data.device_input import DeviceInput
     from pipeline.data.transforms import eval_transform
     from pipeline.engine.distributed import resolve_device
     from pipeline.predict import load_fold_model
@@ -88,7 +89,8 @@ def adversarial_validation(cfg: Config, oof_images: list[str], oof_folds: np.nda
         model, train_cfg, _, _ = load_fold_model(cfg, k, device)
         transform = eval_transform(train_cfg.train.img_size, train_cfg.train.augment)
         val = images[oof_folds == k]
-        run = dict(transform=transform, device=device, amp=train_cfg.train.amp, batch_size=cfg.predict.batch_size)
+        run = dict(transform=transform, device=device, amp=train_cfg.train.amp, batch_size=cfg.predict.batch_size,
+                   to_input=DeviceInput.for_training(train_cfg.train, device))
         x = np.concatenate([_features(model, [str(comp.root / p) for p in val], **run),
                             _features(model, test_paths, **run)])
         y = np.r_[np.zeros(len(val), int), np.ones(len(test_paths), int)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import dispatch_clip_grad, unwrap_model
 
 from pipeline.config import TrainConfig
+from pipeline.data.device_input import DeviceInput
 from pipeline.engine.amp import Amp
 from pipeline.engine.distributed import DistInfo, all_gather_object, reduce_mean
 from pipeline.engine.optim import current_lr
@@ -101,20 +102,24 @@ def create_train_loss(train_cfg: TrainConfig, mixup: Mixup | None) -> torch.nn.M
 
 
 def classification_loss(criterion: torch.nn.Module, *, amp: Amp, device: torch.device, mixup: Mixup | None = None,
-                        channels_last: bool = False) -> LossFn:
-    """The classifier's :data:`LossFn`: (images, targets) batches, Mixup/CutMix, one named loss."""
+                        channels_last: bool = False, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> LossFn:
+    """The classifier's :data:`LossFn`: (images, targets) batches, Mixup/CutMix, one named loss.
+
+    uint8 batches are normalised on the device by ``mean``/``std`` (:class:`DeviceInput`), and made
+    channels_last there before Mixup, so Mixup already writes the layout the model reads.
+    """
+    to_input = DeviceInput(device, mean, std, channels_last=channels_last)
 
     def loss_fn(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], int]:
         images, targets = batch
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
         if mixup is not None and len(images) % 2:
             # timm's batch Mixup pairs each image with its mirror in the batch: it needs an even batch.
             images, targets = images[:-1], targets[:-1]
+        images = to_input(images)
+        targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with amp.autocast():
             logits = model(images)
         return {"loss": criterion(logits.float(), targets)}, len(images)
@@ -233,7 +238,8 @@ def train_one_epoch(
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader, n_total: int, shard: np.ndarray, *, info: DistInfo, amp: Amp,
-             channels_last: bool = False, desc: str = "valid") -> EvalResult:
+             channels_last: bool = False, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+             desc: str = "valid") -> EvalResult:
     """Softmax probabilities and per-image losses of every validation image, on every rank.
 
     Each rank predicts its own shard (``shard`` = dataset indices of ``loader``, in order, with no
@@ -243,24 +249,24 @@ def validate(model: torch.nn.Module, loader, n_total: int, shard: np.ndarray, *,
         model: the bare (unwrapped) model or its EMA copy; DDP's forward would sync buffers.
         n_total: number of images in the whole validation set.
         shard: indices into the whole validation set that this rank's ``loader`` yields, in order.
+        mean, std: normalisation of uint8 batches, on the device (:class:`DeviceInput`).
     """
     model.eval()
+    to_input = DeviceInput(info.device, mean, std, channels_last=channels_last)
+    # Outputs stay on the device until the end: one transfer, not a host sync per batch.
     probs, losses, targets = [], [], []
     for images, target in bar(loader, desc=desc, leave=False, enabled=info.is_main, dynamic_ncols=True):
-        images = images.to(info.device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = to_input(images)
         with amp.autocast():
-            logits = model(images)
-        logits = logits.float().cpu()
-        probs.append(logits.softmax(1).numpy())
-        losses.append(F.cross_entropy(logits, target, reduction="none").numpy())
+            logits = model(images).float()
+        probs.append(logits.softmax(1))
+        losses.append(F.cross_entropy(logits, target.to(info.device, non_blocking=True), reduction="none"))
         targets.append(target.numpy())
     n_classes = probs[0].shape[1] if probs else 0
     mine = (
         shard,
-        np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32),
-        np.concatenate(losses) if losses else np.zeros(0, np.float32),
+        torch.cat(probs).cpu().numpy() if probs else np.zeros((0, n_classes), np.float32),
+        torch.cat(losses).cpu().numpy() if losses else np.zeros(0, np.float32),
         np.concatenate(targets) if targets else np.zeros(0, np.int64),
     )
     parts = all_gather_object(mine, info)

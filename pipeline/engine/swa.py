@@ -13,12 +13,14 @@ continues it exactly.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
+from pipeline.data.device_input import DeviceInput
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -75,10 +77,13 @@ class Swa:
     def module(self) -> torch.nn.Module:
         return self.averaged.module
 
-    def update_bn(self, loader, device: torch.device) -> None:
-        """Recompute BatchNorm statistics of the averaged weights over ``loader`` (the training data)."""
-        # update_bn takes the first item of each (images, targets) batch and resets the statistics first.
-        update_bn(loader, self.averaged, device=device)
+    def update_bn(self, loader, device: torch.device, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None, channels_last: bool = False) -> None:
+        """Recompute BatchNorm statistics of the averaged weights over ``loader`` (the training data);
+        uint8 batches are normalised on the device by ``mean``/``std`` as in training."""
+        to_input = DeviceInput(device, mean, std, channels_last=channels_last)
+        # update_bn resets the statistics first, then runs every batch it is given.
+        update_bn((to_input(images) for images, *_ in loader), self.averaged)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": {k: v.detach().cpu() for k, v in self.averaged.module.state_dict().items()},

@@ -1,0 +1,89 @@
+"""uint8 loaders with normalisation on the device: the same model input as the CPU-normalised path."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.config import AugmentConfig
+from pipeline.data.device_input import DeviceInput
+from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.engine.amp import resolve_amp
+from pipeline.engine.distributed import DistInfo
+from pipeline.engine.loop import classification_loss, validate
+
+CPU = torch.device("cpu")
+AUG = AugmentConfig(hflip=0.5, rotate=15, color_jitter=0.3, scale_min=0.5, mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+
+
+def _images(n: int = 6) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (40 + 3 * i, 36, 3), dtype=np.uint8) for i in range(n)]
+
+
+def _batch(transform, images, seed: int = 7) -> torch.Tensor:
+    out = []
+    for i, img in enumerate(images):  # the same per-image seeding as SeededAugment
+        rng = np.random.default_rng([seed, i])
+        transform.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+        out.append(transform(image=img)["image"])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("make", [train_transform, eval_transform])
+def test_device_normalised_batch_equals_the_cpu_normalised_one(make):
+    images = _images()
+    old = _batch(make(24, AUG, normalize=True), images)
+    new = _batch(make(24, AUG), images)
+    assert old.dtype == torch.float32 and new.dtype == torch.uint8  # a quarter of the bytes to the device
+    for channels_last in (False, True):
+        x = DeviceInput(CPU, AUG.mean, AUG.std, channels_last=channels_last)(new)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        torch.testing.assert_close(x, old, atol=1e-5, rtol=1e-5)
+    # float batches are taken as normalised; uint8 ones without a mean/std are refused
+    assert DeviceInput(CPU, AUG.mean, AUG.std)(old) is old
+    with pytest.raises(ValueError, match="mean and std"):
+        DeviceInput(CPU)(new)
+
+
+def test_mixup_gets_the_normalised_batch_already_channels_last():
+    """channels_last is made once, on the uint8 batch, before Mixup; not a second copy after it."""
+    seen = {}
+    mixup = Mixup(mixup_alpha=0.4, cutmix_alpha=0.4, num_classes=4)
+
+    def recording_mixup(x, y):
+        seen["mixup_in"] = x.clone()
+        return mixup(x, y)
+
+    model = timm.create_model("test_resnet", num_classes=4).to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(lambda m, inp: seen.setdefault("model_in", inp[0]))
+    loss_fn = classification_loss(SoftTargetCrossEntropy(), amp=resolve_amp("off", CPU), device=CPU,
+                                  mixup=recording_mixup, channels_last=True, mean=AUG.mean, std=AUG.std)
+    batch = _batch(train_transform(24, AUG), _images())
+    loss_fn(model, (batch, torch.tensor([0, 1, 2, 3, 0, 1])))
+    expected = DeviceInput(CPU, AUG.mean, AUG.std)(batch)
+    assert seen["mixup_in"].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(seen["mixup_in"], expected)
+    assert seen["model_in"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_validate_on_uint8_batches_equals_validate_on_normalised_floats():
+    images = _images(10)
+    tf = eval_transform(24, AUG)
+    raw, old = _batch(tf, images), _batch(eval_transform(24, AUG, normalize=True), images)
+    y = torch.arange(10) % 4
+    model = timm.create_model("test_resnet", num_classes=4).eval()
+    amp = resolve_amp("off", CPU)
+    new = validate(model, DataLoader(TensorDataset(raw, y), batch_size=4), 10, np.arange(10), info=DistInfo(),
+                   amp=amp, mean=AUG.mean, std=AUG.std)
+    ref = validate(model, DataLoader(TensorDataset(old, y), batch_size=4), 10, np.arange(10), info=DistInfo(),
+                   amp=amp)
+    np.testing.assert_allclose(new.probs, ref.probs, atol=1e-5)
+    np.testing.assert_allclose(new.losses, ref.losses, atol=1e-5)
+    assert (new.targets == y.numpy()).all()
