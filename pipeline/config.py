@@ -232,12 +232,18 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    # TensorFloat-32 for float32 matmuls and convolutions on CUDA GPUs (Ampere and newer): 10-bit
+    # mantissa products, float32 sums; what runs outside autocast (amp=off, the float32 head) gets
+    # the tensor cores. Set once when training or prediction starts; nothing on the CPU.
+    tf32: bool = True
     sync_bn: bool = False
     early_stopping_patience: int = Field(0, ge=0)
     # wall time of the whole pipeline.run of the experiment ("15m", "1h30m", "90s"): the epochs are
     # chosen from a timed epoch so that every fold, prediction and TTA fit (engine/budget.py)
     time_budget: str | None = None
-    num_workers: int = Field(0, ge=0)
+    # DataLoader worker processes; auto: min(CPU cores - 1, 8) per GPU process on CUDA, 0 on the CPU
+    # (there the model's own threads use every core, and a worker competing with them was slower)
+    num_workers: int | Literal["auto"] = "auto"
     cache_images: bool = True
     # false: drop last.pt (optimizer state and both weight copies) once the fold is complete; best.pt
     # stays. Saves most of a fold's disk, but --extend then has nothing to continue from.
@@ -251,6 +257,13 @@ class TrainConfig(Section):
         from pipeline.engine.budget import parse_duration
 
         parse_duration(v)
+        return v
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 0 or more, or auto")
         return v
 
     @field_validator("img_size")

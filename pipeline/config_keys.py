@@ -43,6 +43,7 @@ KEYS: dict[str, str] = {
     "train.num_workers": NO_RETRAIN,    # results do not depend on it (augmentation seeded per image)
     "train.cache_images": NO_RETRAIN,   # the same pixels, decoded once
     "train.compile": NO_RETRAIN,        # the same graph, compiled
+    "train.tf32": NO_RETRAIN,           # float32 rounding on CUDA, like cuDNN autotuning
     "train.keep_last": NO_RETRAIN,      # whether last.pt is kept after the fold is complete
     "train.time_budget": RETRAIN,       # it picks the epochs
     # --- classification

@@ -119,6 +119,7 @@ def _as_cached(image: np.ndarray, cache, train, **_) -> np.ndarray:
 
 def load_models(root: Path, spec: dict[str, Any], device: torch.device) -> list[FoldModel]:
     """Every (member, fold) model of the package on ``device``, rebuilt as pipeline.predict does."""
+    from pipeline.engine.amp import set_tf32
     from pipeline.engine.checkpoint import load_checkpoint
     from pipeline.models import load_classifier
     from pipeline.predict import model_views
@@ -143,6 +144,7 @@ def load_models(root: Path, spec: dict[str, Any], device: torch.device) -> list[
             model.to(device).eval()
             if train_cfg.train.channels_last:
                 model.to(memory_format=torch.channels_last)
+            set_tf32(device, train_cfg.train.tf32)
             views, _ = model_views(model, m["tta"], m["flips"], m["crop_scale"])
             models.append(FoldModel(m["name"], k, model, train_cfg, views, m["merge"]))
     return models

@@ -26,8 +26,10 @@ import yaml
 
 from pipeline import paths
 from pipeline.config import Config, ConfigError, add_config_args, build_config, config_from_args
+from pipeline.engine.amp import set_tf32
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import resolve_device
+from pipeline.engine.sampling import loader_workers
 from pipeline.errors import PipelineError, cli_entry
 from pipeline.io import atomic_write_csv, atomic_write_json, read_json
 from pipeline.metrics import accuracy, log_loss
@@ -99,7 +101,8 @@ def _loader(image_paths: list[str], transform, cfg: Config, device: torch.device
 
     ds = ImageDataset(image_paths, transform=transform, reader=reader)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.predict.batch_size, shuffle=False,
-                                       num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                                       num_workers=loader_workers(cfg.train.num_workers, device),
+                                       pin_memory=device.type == "cuda",
                                        persistent_workers=False)
 
 
@@ -137,6 +140,7 @@ def load_fold_model(cfg: Config, fold: int, device: torch.device) -> tuple[torch
     model.to(device).eval()
     if train_cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
+    set_tf32(device, train_cfg.train.tf32)
     return model, train_cfg, classes, "ema" if use_ema else "model"
 
 

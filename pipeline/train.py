@@ -33,7 +33,7 @@ from pipeline.config_keys import retrain_changes
 from pipeline.data import ImageDataset, ImageReadError, load_competition
 from pipeline.data.competition import save_classes
 from pipeline.data.transforms import eval_transform, train_transform
-from pipeline.engine.amp import resolve_amp
+from pipeline.engine.amp import resolve_amp, set_tf32
 from pipeline.engine.budget import EpochBudget, fold_budget, parse_duration, retarget_scheduler
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
@@ -48,7 +48,7 @@ from pipeline.engine.loop import (
     validate,
 )
 from pipeline.engine.optim import create_optimizer, create_scheduler, updates_per_epoch
-from pipeline.engine.sampling import SeededAugment, epoch_sampler, seed_epoch
+from pipeline.engine.sampling import SeededAugment, epoch_sampler, loader_workers, seed_epoch
 from pipeline.engine.seed import cudnn_autotune, seed_everything, seed_worker
 from pipeline.engine.swa import Swa, swa_start_epoch
 from pipeline.engine.wandb_run import start_run
@@ -124,9 +124,10 @@ def build_loaders(cfg: Config, folds: pd.DataFrame, fold: int, root: Path, class
         _preload(val_ds, list(val_rows["image"]), "validation", info.is_main)
 
     sampler = epoch_sampler(train_ds, cfg.seed, info.rank, info.world_size)
-    common = {"num_workers": t.num_workers, "pin_memory": info.device.type == "cuda",
+    workers = loader_workers(t.num_workers, info.device)
+    common = {"num_workers": workers, "pin_memory": info.device.type == "cuda",
               "worker_init_fn": seed_worker, "generator": torch.Generator().manual_seed(cfg.seed + info.rank),
-              "persistent_workers": t.num_workers > 0}
+              "persistent_workers": workers > 0}
     train_loader = DataLoader(SeededAugment(train_ds, cfg.seed), batch_size=t.batch_size, sampler=sampler,
                               drop_last=len(sampler) > t.batch_size, **common)
     # Validation is split without padding (DistributedSampler would repeat images to even out
@@ -433,6 +434,7 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, force: bool = False
         return {}
 
     cudnn_autotune(info.device)
+    set_tf32(info.device, t.tf32)
     amp = resolve_amp(t.amp, info.device)
     # The model first: a bad backbone name or weights file fails before minutes of image caching.
     bare, model, eval_model, ema = build_model(cfg, len(classes), info)

@@ -40,7 +40,7 @@ def test_leaves_recipe_is_the_gpu_recipe():
     assert t.optimizer == "adamw" and t.scheduler == "cosine" and t.warmup_epochs > 0
     assert t.mixup_alpha > 0 and t.cutmix_alpha > 0 and t.label_smoothing > 0 and t.ema
     assert t.augment.hflip > 0 and t.augment.vflip > 0 and cfg.tta == ["d4"]
-    assert cfg.folds.k == 5 and t.num_workers == 8 and 25 <= t.epochs <= 40
+    assert cfg.folds.k == 5 and t.num_workers == "auto" and 25 <= t.epochs <= 40
     assert cfg.competition.root == str(REPO / "data" / "classify-leaves") and cfg.competition.build is None
 
 

@@ -67,3 +67,13 @@ def resolve_amp(mode: str, device: torch.device) -> Amp:
     if mode == "auto":
         return Amp(kind, torch.bfloat16 if fast_bf16 else torch.float16)
     return Amp(kind, torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def set_tf32(device: torch.device, enabled: bool = True) -> None:
+    """TensorFloat-32 for float32 matmuls and cuDNN convolutions on CUDA (``train.tf32``); once per
+    process, at startup. Ampere and newer GPUs run float32 work on tensor cores with it; older
+    ones ignore it. Nothing changes on the CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

@@ -7,9 +7,11 @@ results independent of ``num_workers``: shuffling comes from a ``DistributedSamp
 """
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
@@ -64,3 +66,24 @@ def seed_epoch(loader: DataLoader, epoch: int) -> None:
     """Start epoch ``epoch``: its shuffling and augmentation depend on (seed, epoch, rank) alone,
     which is what lets ``--resume`` reproduce the uninterrupted run exactly."""
     loader.sampler.set_epoch(epoch)
+
+
+MAX_WORKERS = 8
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """``train.num_workers``: a number, or ``auto``.
+
+    auto on CUDA: min(cores - 1, 8) for each GPU process on the machine (``LOCAL_WORLD_SIZE`` under
+    torchrun), so decoding and augmentation overlap the GPU's work and one core is left to the
+    process feeding it. On the CPU: 0, the batch is made in the training process; the model's
+    own threads already use every core, and one worker competing with them ran the 2-core
+    benchmark slower (benchmarks/train_throughput.py --num-workers 1).
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(per_process - 1, MAX_WORKERS))
