@@ -148,7 +148,9 @@ def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch
 
     No Python loop over images or boxes. ``sync_free`` (default: on any device but the CPU) keeps
     every step on the device, the host never waiting for it: the per-anchor best box is taken
-    densely and the ``N - 1`` further rounds always run, on ``(B, N, N)`` tensors. On the CPU,
+    densely and the ``N - 1`` further rounds always run, on small tensors (beyond
+    ``SYNC_FREE_ROUNDS`` + 1 boxes per image the host asks, once per later round, whether any box
+    still waits: one read-back costs less than ~20 kernel launches a round). On the CPU,
     where reading a value back costs nothing, the best box is taken only for anchors above the
     threshold and rounds run only while they settle something. Both give the same answer.
 
@@ -213,11 +215,21 @@ def match_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, gt_valid: torch
     return flat[:-1].view(b, num_a)
 
 
+# Sync-free rounds before the host first asks whether any box still waits: chains of conflicts are
+# rarely longer, and with many boxes per image (N - 1 rounds of ~20 small kernels each) one read-back
+# costs less than launching every round.
+SYNC_FREE_ROUNDS = 8
+
+
 def _later_rounds(iou: torch.Tensor, flat: torch.Tensor, pending: torch.Tensor, won_keys: torch.Tensor,
                   imgs: torch.Tensor, rounds: int, early_exit: bool = False) -> None:
     """The greedy rounds after the first for the images ``imgs`` (``iou`` and ``pending`` are
     theirs), among each box's ``N`` best anchors; writes into ``flat``, the ``(B * A + 1,)``
-    assignment with its spare last slot, whose anchors taken so far are ``won_keys``."""
+    assignment with its spare last slot, whose anchors taken so far are ``won_keys``.
+
+    ``early_exit`` (the CPU) stops as soon as no box waits; otherwise the first
+    :data:`SYNC_FREE_ROUNDS` rounds run without asking (no host sync for up to that many + 1
+    boxes per image), and only later ones ask."""
     p, n, num_a = iou.shape
     device = iou.device
     spare = flat.shape[0] - 1
@@ -234,8 +246,8 @@ def _later_rounds(iou: torch.Tensor, flat: torch.Tensor, pending: torch.Tensor, 
     taken[won_keys.reshape(-1)] = True
     n_range = torch.arange(n, device=device).view(1, n, 1).expand(p, n, k)
     low = torch.tensor(-1.0, dtype=cand_v.dtype, device=device)
-    for _ in range(rounds):  # at most one per box
-        if early_exit and not bool(pending.any()):
+    for r in range(rounds):  # at most one per box
+        if (early_exit or r >= SYNC_FREE_ROUNDS) and not bool(pending.any()):
             break
         ok = pending.unsqueeze(-1) & ~taken[key]  # (p, N, K) pairs still open
         # each anchor's best open pair (highest IoU, then lowest box index) ...
