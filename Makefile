@@ -26,8 +26,10 @@ demo: setup
 package: setup
 	$(BIN)/python -m pipeline.package --rehearse --force --scale 2 --hidden-size 10000 --limit 9h
 
-# One pytest worker per logical core (at most 4): the tests run torch on one thread each.
-TEST_WORKERS = -n logical --maxprocesses=4 --dist worksteal
+# One pytest worker per logical core (at most 4): the tests run torch on one thread each. Whole
+# modules go to a worker (loadscope), so a module's expensive fixtures are built once; the
+# longest modules are handed out first (tests/conftest.py orders them).
+TEST_WORKERS = -n logical --maxprocesses=4 --dist loadscope
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(TEST_WORKERS)
