@@ -353,7 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"embedded default competition at {root}; hidden solution in {private_dir(root)}")
     flips = read_json(private_dir(root) / "planted.json").get("label_noise", {}).get("flips", [])
     if flips:
-        print(f"label noise: {len(flips)} train labels flipped (listed in {private_dir(root) / 'planted.json'})")
+        # The flips were drawn over the full train set; count those the train fraction kept.
+        train = set(pd.read_csv(root / "train.csv", dtype=str, keep_default_na=False)["image"])
+        kept = sum(f["image"] in train for f in flips)
+        print(f"label noise: {kept} of {len(train)} train labels flipped ({kept / len(train):.1%}; "
+              f"listed in {private_dir(root) / 'planted.json'})")
 
 
 if __name__ == "__main__":
