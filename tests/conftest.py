@@ -11,6 +11,15 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker for every thread pool (torch is set per test below), and for the processes
+    # tests start: under ``make test`` the workers already fill the cores, and oversubscribed BLAS/OpenMP
+    # threads spin-wait (a stacking test took 25x longer beside another worker).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
