@@ -116,17 +116,36 @@ def _fold_settings(cfg: Config, name: str, fold: int) -> dict[str, Any]:
             "weights_kind": info.get("weights", "model")}
 
 
+def _seed_runs(cfg: Config, name: str, meta: dict[str, Any]) -> list[str]:
+    """The member runs of a ``seeds`` experiment (its own folder holds only their average), else [name]."""
+    seeds = paths.run_dir(cfg, name) / paths.SEEDS
+    if not seeds.is_file():
+        return [name]
+    if meta.get("merge", "mean") != "mean":
+        # A weighted mean of the seed runs is the blend of their average only when members merge linearly.
+        raise PipelineError(f"experiment {name!r} averages seed runs and the blend merges members by "
+                            f"{meta.get('merge')!r}: a package reproduces that only with ensemble.merge=mean; "
+                            "blend again with it (or blend the seed runs as experiments of their own)")
+    return list(read_json(seeds)["members"])
+
+
 def members_of(cfg: Config, meta: dict[str, Any]) -> list[Member]:
-    """The blend's members with the TTA settings their predictions were made with (predict.json)."""
+    """The blend's members with the TTA settings their predictions were made with (predict.json).
+
+    A ``seeds`` experiment becomes its seed runs, each with an equal share of its weight: the
+    experiment's predictions are their mean, so the package predicts the same with the runs' weights.
+    """
     members = []
     for name in meta["experiments"]:
         folds = [int(k) for k in meta["folds"][name]]
-        settings = [_fold_settings(cfg, name, k) for k in folds]
-        if any(s != settings[0] for s in settings[1:]):
-            raise PipelineError(f"experiment {name!r}: its folds were predicted with different TTA settings; "
-                                f"run python -m pipeline.predict --all-folds --force --set experiment={name}")
-        members.append(Member(name, float(meta["weights"][name]), folds, cv=meta.get("cv", {}).get(name, {}),
-                              **settings[0]))
+        runs = _seed_runs(cfg, name, meta)
+        for run in runs:
+            settings = [_fold_settings(cfg, run, k) for k in folds]
+            if any(s != settings[0] for s in settings[1:]):
+                raise PipelineError(f"experiment {run!r}: its folds were predicted with different TTA settings; "
+                                    f"run python -m pipeline.predict --all-folds --force --set experiment={run}")
+            members.append(Member(run, float(meta["weights"][name]) / len(runs), folds,
+                                  cv=meta.get("cv", {}).get(name, {}), **settings[0]))
     return members
 
 

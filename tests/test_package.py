@@ -114,6 +114,45 @@ def test_infer_equals_ensemble(blended, tmp_path):
         run_infer(pkg, test_csv=str(root / "test.csv"), out=tmp_path / "submission.csv", quiet=True)
 
 
+def test_a_seeds_experiment_is_packaged_as_its_seed_runs(blended, tmp_path):
+    """``seeds: [0, 1]`` leaves no weights in the experiment's own folder (it holds the runs' average):
+    the package takes each seed run with half the experiment's weight and predicts what was blended."""
+    from test_predict import fake_fold
+
+    from pipeline.ensemble import run_ensemble
+    from pipeline.infer import run_infer
+    from pipeline.package import make_package
+    from pipeline.predict import predict_fold
+    from pipeline.seeds import average_members, mark_member, member_configs
+
+    cfg, _, _ = blended
+    root = Path(cfg.competition.root)
+    work = Path(cfg.paths.runs).parent
+    seeded = tiny_cfg(work, root, "experiment=tiny_s", "seeds=[0, 1]")
+    runs = member_configs(seeded)
+    for m in runs:
+        for k in range(2):
+            fake_fold(m, k, seed=100 + 10 * m.seed + k)
+            predict_fold(m, k, quiet=True)
+        mark_member(seeded, m)
+    average_members(seeded, runs, [0, 1])
+    weights = {"tiny_a": 0.4, "tiny_s": 0.6}
+    blend_cfg = tiny_cfg(work, root, "ensemble.method=fixed", f"ensemble.weights={json.dumps(weights)}")
+    result = run_ensemble(blend_cfg, list(weights), name="tiny_seeds", quiet=True)
+    pkg = make_package(blend_cfg, submission=str(result.submission), name="tiny_seeds", quiet=True)
+    spec = json.loads((pkg / pf.ENSEMBLE).read_text())
+    assert {m["name"]: m["weight"] for m in spec["members"]} == pytest.approx(
+        {"tiny_a": 0.4, "tiny_s-seed0": 0.3, "tiny_s-seed1": 0.3})
+    run_infer(pkg, test_csv=str(root / "test.csv"), out=tmp_path / "s.csv", probs_out=tmp_path / "p.csv",
+              num_workers=0, quiet=True)
+    want = ensemble_probs(blend_cfg, list(weights), result.weights)
+    got = pd.read_csv(tmp_path / "p.csv", dtype={"image": str}).set_index("image").loc[want.index]
+    assert np.abs(got.to_numpy() - want.to_numpy()).max() < 1e-6
+    # The seed runs differ, so packaging one of them alone would not have matched.
+    one = ensemble_probs(blend_cfg, ["tiny_a", "tiny_s-seed0"], {"tiny_a": 0.4, "tiny_s-seed0": 0.6})
+    assert np.abs(one.to_numpy() - want.to_numpy()).max() > 1e-3
+
+
 @pytest.mark.slow
 def test_float16_package_keeps_the_labels(blended, tmp_path):
     from pipeline.infer import run_infer
