@@ -205,18 +205,20 @@ def predict_group(models: list[FoldModel], paths: list[str], batch_size: int, nu
     ds = _TestImages(paths, tf, blank)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    out: dict[tuple[str, int], list[np.ndarray]] = {(m.member, m.fold): [] for m in models}
+    # Merged probabilities stay on the device until the end: one transfer per model, not a sync per batch.
+    out: dict[tuple[str, int], list[torch.Tensor]] = {(m.member, m.fold): [] for m in models}
     bad: list[int] = []
     seen = 0
     for x, flag in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
         bad += (np.flatnonzero(flag.numpy() == -2) + seen).tolist()
         seen += len(x)
+        x = x.to(device, non_blocking=True)  # once for every model of the group (uint8: a quarter of the bytes)
         for m in models:
             t = m.train_cfg.train
             logp = predict_views(m.model, [x], m.views, device=device, amp=t.amp, channels_last=t.channels_last,
-                                 mean=t.augment.mean, std=t.augment.std)
-            out[(m.member, m.fold)].append(merge_log_probs(logp, m.merge).double().numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0, 0)) for k, v in out.items()}, bad
+                                 mean=t.augment.mean, std=t.augment.std, to_cpu=False)
+            out[(m.member, m.fold)].append(merge_log_probs(logp, m.merge))
+    return {k: torch.cat(v).double().cpu().numpy() if v else np.zeros((0, 0)) for k, v in out.items()}, bad
 
 
 def blend_members(spec: dict[str, Any], fold_probs: dict[tuple[str, int], np.ndarray]) -> np.ndarray:

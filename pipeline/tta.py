@@ -217,8 +217,9 @@ def _forward_views(model: torch.nn.Module, x: Tensor, views: Sequence[View], aut
 def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[View], *,
                   device: torch.device, amp: str = "auto", channels_last: bool = False,
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  progress: bool = False, desc: str = "predict") -> Tensor:
-    """Log-softmax of every view for every image: a ``(V, N, C)`` float32 CPU tensor.
+                  progress: bool = False, desc: str = "predict", to_cpu: bool = True) -> Tensor:
+    """Log-softmax of every view for every image: a ``(V, N, C)`` float32 tensor, on the CPU (or left
+    on ``device`` with ``to_cpu=False``, for a caller that gathers many batches before one transfer).
 
     Args:
         model: the classifier (put in eval mode here).
@@ -240,5 +241,5 @@ def predict_views(model: torch.nn.Module, batches: Iterable, views: Sequence[Vie
         out.append(_forward_views(model, x, views, autocast, channels_last))
     if not out:
         return torch.empty(len(views), 0, 0)
-    # One transfer at the end, not a host sync per batch.
-    return torch.cat(out, dim=1).cpu()
+    logp = torch.cat(out, dim=1)
+    return logp.cpu() if to_cpu else logp  # one transfer at the end, not a host sync per batch
