@@ -147,3 +147,22 @@ def test_adamw_is_fused_on_the_cpu_and_takes_the_same_step():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     assert not torch.equal(start["conv1.0.weight"], models[0].conv1[0].weight)  # the steps did move the weights
+
+
+def test_validate_and_tta_read_back_once_not_per_batch(monkeypatch):
+    """Per-batch .cpu() calls would each wait for the GPU; the outputs stay on the device instead."""
+    from pipeline.tta import build_views, predict_views
+
+    model = timm.create_model("test_resnet", num_classes=4).eval()
+    x = torch.randint(0, 256, (12, 3, 24, 24), dtype=torch.uint8)
+    y = torch.arange(12) % 4
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)  # four batches
+    calls = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(tuple(self.shape)) or real_cpu(self))
+    validate(model, loader, 12, np.arange(12), info=DistInfo(), amp=resolve_amp("off", CPU), mean=AUG.mean, std=AUG.std)
+    assert calls == [(12, 4), (12,)]  # the probabilities and the losses, once each
+    calls.clear()
+    views, _ = build_views(["identity", "zoom_1.125"])
+    predict_views(model, loader, views, device=CPU, mean=AUG.mean, std=AUG.std)
+    assert calls == [(2, 12, 4)]
