@@ -107,6 +107,7 @@ class DetectTrainConfig(Section):
     clip_grad: float | None = Field(10.0, gt=0.0)
     warmup_lr: float = Field(1e-5, ge=0.0)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA GPUs that have it (as train.tf32 in classification)
     # EMA of the weights (timm ModelEmaV3, decay warmed up from 0): judged, saved as best and used
     # by evaluate and predict when on, as in classification.
     ema: bool = False

@@ -40,7 +40,7 @@ from pipeline.detect.inference import ground_truth, make_loader, predict_split, 
 from pipeline.detect.loss import MultiBoxLoss
 from pipeline.detect.metrics import evaluate_detections
 from pipeline.detect.models import create_detector
-from pipeline.engine.amp import Amp, resolve_amp
+from pipeline.engine.amp import Amp, resolve_amp, set_tf32
 from pipeline.engine.budget import EpochBudget, parse_duration, retarget_scheduler
 from pipeline.engine.checkpoint import load_checkpoint
 from pipeline.engine.distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
@@ -201,6 +201,7 @@ def train(cfg: DetectConfig, resume: bool = True, fresh: bool = False) -> dict:
             return read_json(out_dir / paths.METRICS)
 
         cudnn_autotune(dist.device)
+        set_tf32(dist.device, cfg.train.tf32)
         amp = resolve_amp(cfg.train.amp, dist.device)
         bare, model, ema = build_model(cfg, len(classes), dist)
         loader = build_loader(cfg, train_split, dist)
