@@ -9,7 +9,9 @@ original photo each epoch; prediction and dedup's thumbnails read it too.
 
 The cache is made again only when its settings or the sources change (name, size, modification
 time of every image: the fingerprint in ``cache.json``). It is built in a side folder and swapped in
-whole, so a killed build leaves the old cache (or none), never half of one. Threads over all cores
+whole, so a killed build leaves the old cache (or none), never half of one. Processes that need the
+same cache at once (two ``pipeline.train --fold`` in two terminals, a Slurm array, DDP ranks) take a
+file lock beside it: one builds, the others wait and then use it. Threads over all cores
 (``cache.workers``) with a progress bar: OpenCV decodes, resizes and encodes without the GIL.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import filelock
 import numpy as np
 import pandas as pd
 
@@ -198,12 +201,21 @@ def ensure_cache(cfg: Config, cache: CacheConfig | None = None, train: TrainConf
     if cache_is_current(cfg, cache, train, table):
         return locate_cache(cfg, cache, train)
     folder = paths.cache_dir(cfg, _size(cfg, cache, train))
-    reason = "missing" if not (folder / META_FILE).is_file() else "made from other images or settings"
-    print(f"prepare: {folder} {reason}; making it now (python -m pipeline.prepare)")
-    info = build_cache(cfg, cache, train, table, progress=not quiet)
+    with build_lock(folder):
+        if cache_is_current(cfg, cache, train, table):  # another process made it while this one waited
+            return locate_cache(cfg, cache, train)
+        reason = "missing" if not (folder / META_FILE).is_file() else "made from other images or settings"
+        print(f"prepare: {folder} {reason}; making it now (python -m pipeline.prepare)")
+        info = build_cache(cfg, cache, train, table, progress=not quiet)
     if not quiet:
         print(summary(info))
     return info
+
+
+def build_lock(folder: Path) -> filelock.BaseFileLock:
+    """The lock that one builder of ``folder`` holds (``cache_<size>.lock`` beside it)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(folder.with_name(folder.name + ".lock")))
 
 
 def summary(info: CacheInfo) -> str:
@@ -223,7 +235,8 @@ def prepare(cfg: Config, force: bool = False) -> CacheInfo:
         info = locate_cache(cfg)
         print(f"prepare: up to date ({info.folder}); --force to make it again")
     else:
-        info = build_cache(cfg)
+        with build_lock(paths.cache_dir(cfg, _size(cfg, cfg.cache, cfg.train))):
+            info = build_cache(cfg)
     print(summary(info))
     return info
 

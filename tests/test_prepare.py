@@ -119,6 +119,44 @@ def test_cache_is_remade_only_when_sources_or_settings_change(tmp_path, odd_comp
     assert not (paths.cache_dir(cfg, 30).parent / "cache_30.partial").exists()
 
 
+def test_builders_at_once_make_the_cache_once(tmp_path, odd_comp, monkeypatch):
+    """Two fold jobs that need the same missing cache at once (two terminals, a Slurm array): one
+    builds it while the other waits on the lock, then finds it current and uses it. Without the lock
+    both would build into the same side folder and one would delete the other's files."""
+    import threading
+
+    import pipeline.prepare as prep
+
+    cfg = _cfg(tmp_path, odd_comp, "cache.size=30", "cache.format=png")
+    builds, inside = [], threading.Event()
+    real = prep.build_cache
+
+    def slow_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        inside.set()
+        threading.Event().wait(0.3)  # long enough for the second job to arrive and wait
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "build_cache", slow_build)
+    got, errors = [], []
+
+    def job():
+        try:
+            got.append(prep.ensure_cache(cfg, quiet=True).folder)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    first = threading.Thread(target=job)
+    first.start()
+    inside.wait(5)
+    second = threading.Thread(target=job)
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert errors == [] and len(builds) == 1
+    assert got == [paths.cache_dir(cfg, 30)] * 2 and cache_is_current(cfg)
+
+
 def test_unreadable_images_are_named_and_no_cache_is_left(tmp_path, odd_comp):
     (odd_comp / "images/1.png").write_bytes(b"not an image")
     cfg = _cfg(tmp_path, odd_comp, "cache.size=30")
