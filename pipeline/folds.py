@@ -72,6 +72,10 @@ def _user_groups(cfg: Config, comp) -> pd.Series | None:
     return read_train_column(comp, cfg.folds.group_column, "folds.group_column")
 
 
+# Settings recorded only while used (see _settings).
+OPTIONAL_SETTINGS = ("relabel_sha256", "exclude_sha256", "group_column", "group_fingerprint")
+
+
 def _settings(cfg: Config, train: pd.DataFrame, user_groups: pd.Series | None) -> dict:
     """What folds.csv depends on; a mismatch with folds.json means it must be made again."""
     fixes = {key: _file_digest(Path(path)) if path else None
@@ -348,7 +352,10 @@ def folds_are_current(cfg: Config) -> bool:
     comp = load_competition(cfg.competition)
     train = comp.train[["image", "label"]].reset_index(drop=True)
     current = _settings(cfg, train, _user_groups(cfg, comp))
-    return all(recorded.get(key) == value for key, value in current.items())
+    # An optional input that was used and no longer is (label fixes or a group column taken out of
+    # the config) makes folds.csv stale too: it still carries their changes.
+    dropped = [key for key in OPTIONAL_SETTINGS if key in recorded and key not in current]
+    return not dropped and all(recorded.get(key) == value for key, value in current.items())
 
 
 def ensure_folds(cfg: Config) -> pd.DataFrame:

@@ -60,6 +60,12 @@ def test_relabel_and_exclude_change_folds_csv_as_stated(make_cfg, train, tmp_pat
     # Editing a fix list makes folds.csv stale again.
     (tmp_path / "exclude.csv").write_text("image\n" + dropped[0] + "\n")
     assert not folds_are_current(cfg)
+    # So does dropping the fixes: the next folds.csv has the labels as given and excludes nothing.
+    assert not folds_are_current(base_cfg)
+    make_folds(base_cfg, quiet=True)
+    plain = _read_folds(paths.folds_csv(base_cfg)).set_index("image")
+    assert not plain["excluded"].any() and folds_are_current(base_cfg)
+    assert plain.loc[before.index, "label"].tolist() == before["label"].tolist()
 
 
 def test_a_fix_naming_an_unknown_image_or_class_is_one_clear_error(make_cfg, train, tmp_path):
