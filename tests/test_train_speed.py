@@ -131,6 +131,9 @@ def test_adamw_is_fused_on_the_cpu_and_takes_the_same_step():
     from pipeline.engine.optim import create_optimizer, param_groups
 
     cfg = TrainConfig(optimizer="adamw", lr=0.01, scheduler="none")
+    # Seeded: where a gradient is ~0, Adam's m / sqrt(v) is +-1 up to rounding, so an unlucky random
+    # init could put one weight of 165k a rounding error past the tolerance (seen once in ~10 runs).
+    torch.manual_seed(0)
     models = [timm.create_model("test_resnet", num_classes=4) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     start = {k: v.clone() for k, v in models[0].state_dict().items()}
