@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from pipeline.dedup_hash import (
     similarity_matrix,
 )
 from pipeline.errors import cli_entry
-from pipeline.io import atomic_write_csv, atomic_write_json, read_json
+from pipeline.io import atomic_write_csv, atomic_write_json, read_json, stat_stamp
 
 DEDUP_VERSION = 1
 DETECTION_KEYS = ("phash_max_distance", "align_crops", "align_side", "mirror", "min_correlation", "sure_correlation", "neighbour_ratio",
@@ -83,12 +82,7 @@ def input_fingerprint(table: pd.DataFrame) -> str:
     """Digest of every image's name, split, label, size and modification time."""
     h = hashlib.sha256()
     for image, split, label, path in zip(table["image"], table["split"], table["label"], table["path"]):
-        try:
-            st = os.stat(path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{image}\x1f{split}\x1f{'' if pd.isna(label) else label}\x1f{stamp}\x1e".encode())
+        h.update(f"{image}\x1f{split}\x1f{'' if pd.isna(label) else label}\x1f{stat_stamp(path)}\x1e".encode())
     return h.hexdigest()[:16]
 
 

@@ -105,6 +105,16 @@ def atomic_write_image(path: str | Path, rgb) -> Path:
     return _atomic(path, lambda tmp: Path(tmp).write_bytes(buf.tobytes()))
 
 
+def stat_stamp(path: str | Path) -> str:
+    """``size:mtime_ns`` of a file, or ``missing``: what input fingerprints record per file (a stat,
+    no reading), so that a changed or replaced image makes the outputs made from it stale."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

@@ -46,7 +46,7 @@ from pipeline.data.cache import (
 from pipeline.data.competition import DataError, load_competition
 from pipeline.data.images import ImageReadError, read_image
 from pipeline.errors import PipelineError, cli_entry
-from pipeline.io import atomic_write_csv, atomic_write_json, read_json
+from pipeline.io import atomic_write_csv, atomic_write_json, read_json, stat_stamp
 from pipeline.progress import bar as progress_bar
 
 CHUNK = 256  # images in flight at once: bounds the RAM a build holds, whatever the competition's size
@@ -63,12 +63,7 @@ def sources_fingerprint(table: pd.DataFrame) -> str:
     """Digest of every image's name, size and modification time (a stat per file, no reading)."""
     h = hashlib.sha256()
     for image, path in zip(table["image"], table["path"]):
-        try:
-            st = os.stat(path)
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:
-            stamp = "missing"
-        h.update(f"{image}\x1f{stamp}\x1e".encode())
+        h.update(f"{image}\x1f{stat_stamp(path)}\x1e".encode())
     return h.hexdigest()[:16]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from digits_helpers import cut_digits, tiny_run_config
 
 from pipeline import paths
 from pipeline.errors import PipelineError
@@ -30,27 +30,12 @@ N_TRAIN, N_TEST = 200, 60
 @pytest.fixture(scope="module")
 def small_root(digits_root, tmp_path_factory):
     """The digits competition cut to N_TRAIN training and N_TEST test images, solution cut to match."""
-    root = tmp_path_factory.mktemp("launch") / "digits"
-    shutil.copytree(digits_root, root)
-    shutil.copytree(digits_root.parent / "digits_private", root.parent / "digits_private")
-    pd.read_csv(root / "train.csv", dtype=str).iloc[:N_TRAIN].to_csv(root / "train.csv", index=False)
-    test = pd.read_csv(root / "test.csv", dtype=str).iloc[:N_TEST]
-    test.to_csv(root / "test.csv", index=False)
-    for path in (root / "sample_submission.csv", root.parent / "digits_private" / "solution.csv"):
-        table = pd.read_csv(path, dtype=str)
-        table[table["image"].isin(test["image"])].to_csv(path, index=False)
-    return root
+    return cut_digits(digits_root, tmp_path_factory.mktemp("launch") / "digits", N_TRAIN, N_TEST)
 
 
 def _cfg(root: Path, out: Path, *extra: str):
-    from pipeline.config import load_config
-
-    return load_config(REPO / "configs" / "default.yaml", [
-        f"paths.work={root.parent / 'work'}", f"paths.runs={out / 'runs'}", f"paths.submissions={out / 'submissions'}",
-        f"competition.root={root}", f"competition.solution={root.parent / 'digits_private' / 'solution.csv'}",
-        "wandb.mode=disabled", "train.num_workers=0", "model.backbone=test_resnet", "train.img_size=16",
-        "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0", "folds.k=2", "dedup.workers=0",
-        "predict.batch_size=512", "launcher.threads_per_fold=1", *extra])
+    # dedup and folds shared by every test of the module (beside the data), runs per test
+    return tiny_run_config(root, out, f"paths.work={root.parent / 'work'}", "launcher.threads_per_fold=1", *extra)
 
 
 def _run(cfg, **kw):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from digits_helpers import cut_digits, tiny_run_config
 from PIL import Image
 
 from pipeline import paths
@@ -183,27 +183,11 @@ N_TRAIN, N_TEST = 120, 30
 
 @pytest.fixture(scope="module")
 def small_digits(digits_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache_run") / "digits"
-    shutil.copytree(digits_root, root)
-    shutil.copytree(digits_root.parent / "digits_private", root.parent / "digits_private")
-    train = pd.read_csv(root / "train.csv", dtype=str)
-    train.iloc[:N_TRAIN].to_csv(root / "train.csv", index=False)
-    test = pd.read_csv(root / "test.csv", dtype=str).iloc[:N_TEST]
-    test.to_csv(root / "test.csv", index=False)
-    for path in (root / "sample_submission.csv", root.parent / "digits_private" / "solution.csv"):
-        table = pd.read_csv(path, dtype=str)
-        table[table["image"].isin(test["image"])].to_csv(path, index=False)
-    return root
+    return cut_digits(digits_root, tmp_path_factory.mktemp("cache_run") / "digits", N_TRAIN, N_TEST)
 
 
 def _tiny(root, experiment, *extra):
-    out = root.parent / "out"
-    return load_config(REPO / "configs" / "default.yaml", [
-        f"paths.work={out / 'work'}", f"paths.runs={out / 'runs'}", f"paths.submissions={out / 'submissions'}",
-        f"competition.root={root}", f"competition.solution={root.parent / 'digits_private' / 'solution.csv'}",
-        f"experiment={experiment}", "wandb.mode=disabled", "train.num_workers=0", "model.backbone=test_resnet",
-        "train.img_size=16", "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0", "folds.k=2",
-        "dedup.workers=0", "cache.workers=1", "predict.batch_size=512", *extra])
+    return tiny_run_config(root, root.parent / "out", f"experiment={experiment}", "cache.workers=1", *extra)
 
 
 def _fold_outputs(cfg, name):

@@ -1,10 +1,9 @@
 """``python -m pipeline.run`` end to end on a trimmed copy of the embedded default, with tiny models."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
+from digits_helpers import cut_digits, tiny_run_config
 
 from pipeline.data import load_competition
 from pipeline.run import main, run_all
@@ -12,38 +11,17 @@ from pipeline.submission import validate_submission
 from pipeline.train import fold_is_current
 
 N_TRAIN, N_TEST = 200, 60
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def small_root(digits_root, tmp_path_factory):
     """A copy of the digits competition cut to N_TRAIN training and N_TEST test images (every class
     kept), with its sample submission and hidden solution cut to match."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("run") / "digits"
-    shutil.copytree(digits_root, root)
-    shutil.copytree(digits_root.parent / "digits_private", root.parent / "digits_private")
-    train = pd.read_csv(root / "train.csv", dtype=str)
-    train.iloc[:N_TRAIN].to_csv(root / "train.csv", index=False)
-    test = pd.read_csv(root / "test.csv", dtype=str).iloc[:N_TEST]
-    test.to_csv(root / "test.csv", index=False)
-    for path in (root / "sample_submission.csv", root.parent / "digits_private" / "solution.csv"):
-        table = pd.read_csv(path, dtype=str)
-        table[table["image"].isin(test["image"])].to_csv(path, index=False)
-    return root
+    return cut_digits(digits_root, tmp_path_factory.mktemp("run") / "digits", N_TRAIN, N_TEST)
 
 
 def _tiny(root, *extra):
-    from pipeline.config import load_config
-
-    out = root.parent / "out"
-    return load_config(REPO / "configs" / "default.yaml", [
-        f"paths.work={out / 'work'}", f"paths.runs={out / 'runs'}", f"paths.submissions={out / 'submissions'}",
-        f"competition.root={root}", f"competition.solution={root.parent / 'digits_private' / 'solution.csv'}",
-        "wandb.mode=disabled", "train.num_workers=0", "model.backbone=test_resnet", "train.img_size=16",
-        "train.epochs=1", "train.batch_size=32", "train.warmup_epochs=0", "folds.k=2", "dedup.workers=0",
-        "predict.batch_size=512", *extra])
+    return tiny_run_config(root, root.parent / "out", *extra)
 
 
 @pytest.fixture(scope="module")

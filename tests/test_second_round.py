@@ -4,13 +4,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from digits_helpers import cut_digits, tiny_run_config
 
 from pipeline import paths
 from pipeline.engine.checkpoint import load_checkpoint
@@ -18,33 +17,15 @@ from pipeline.engine.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow  # several tiny pipeline.run calls: minutes on 2 shared cores
 
 N_TRAIN, N_TEST = 200, 60
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def small_root(digits_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("second") / "digits"
-    shutil.copytree(digits_root, root)
-    shutil.copytree(digits_root.parent / "digits_private", root.parent / "digits_private")
-    pd.read_csv(root / "train.csv", dtype=str).iloc[:N_TRAIN].to_csv(root / "train.csv", index=False)
-    test = pd.read_csv(root / "test.csv", dtype=str).iloc[:N_TEST]
-    test.to_csv(root / "test.csv", index=False)
-    for path in (root / "sample_submission.csv", root.parent / "digits_private" / "solution.csv"):
-        table = pd.read_csv(path, dtype=str)
-        table[table["image"].isin(test["image"])].to_csv(path, index=False)
-    return root
+    return cut_digits(digits_root, tmp_path_factory.mktemp("second") / "digits", N_TRAIN, N_TEST)
 
 
 def _cfg(root, *extra):
-    from pipeline.config import load_config
-
-    out = root.parent / "out"
-    return load_config(REPO / "configs" / "default.yaml", [
-        f"paths.work={out / 'work'}", f"paths.runs={out / 'runs'}", f"paths.submissions={out / 'submissions'}",
-        f"competition.root={root}", f"competition.solution={root.parent / 'digits_private' / 'solution.csv'}",
-        "wandb.mode=disabled", "train.num_workers=0", "model.backbone=test_resnet", "train.img_size=16",
-        "train.epochs=2", "train.batch_size=32", "train.warmup_epochs=0", "folds.k=2", "dedup.workers=0",
-        "predict.batch_size=512", "tta=[identity]", *extra])
+    return tiny_run_config(root, root.parent / "out", "train.epochs=2", "tta=[identity]", *extra)
 
 
 def _run(cfg):
