@@ -33,16 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def source_photos() -> list[np.ndarray]:
-    import matplotlib.cbook
-    from sklearn.datasets import load_sample_images
-
-    photos = [np.asarray(im) for im in load_sample_images().images]
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        buf = np.frombuffer(f.read(), np.uint8)
-    photos.append(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
-    return photos
+from pipeline.detect.shapes import sample_photos  # noqa: E402
 
 
 def _crop(rng: np.random.Generator, photo: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -109,7 +100,7 @@ def build(root: Path, n: int, size: int, classes: int = 20, seed: int = 0, aspec
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
-    photos = source_photos()
+    photos = sample_photos()
     tints = class_tints(classes, seed)
     labels = np.random.default_rng([seed, 1]).integers(0, classes, n)
     n_dup = int(round(duplicates * n))

@@ -35,7 +35,8 @@ def private_dir(root: str | Path) -> Path:
     return root.parent / f"{root.name}_private"
 
 
-def _backgrounds() -> list[np.ndarray]:
+def sample_photos() -> list[np.ndarray]:
+    """The photographs scikit-learn and matplotlib ship, as RGB arrays (no download)."""
     import matplotlib.cbook
     from sklearn.datasets import load_sample_images
 
@@ -147,7 +148,7 @@ def build_shapes(root: str | Path = "data/shapes", seed: int = 0, force: bool = 
     if tmp.exists():
         shutil.rmtree(tmp)
     rng = np.random.default_rng(seed)
-    photos = _backgrounds()
+    photos = sample_photos()
     test_rows = []
     for split, n in (splits or SPLITS).items():
         (tmp / split / "images").mkdir(parents=True)
