@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo package test test-all lint clean-outputs
+.PHONY: setup demo package test test-processes test-all lint clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,14 @@ package: setup
 # longest modules are handed out first (tests/conftest.py orders them).
 TEST_WORKERS = -n logical --maxprocesses=4 --dist loadscope
 
+# make test: the fast suite, for every change. Tests that start fresh Python processes importing torch
+# (about 6 s of imports each: torchrun DDP, notebook kernels, the fold launcher) are marked `processes`
+# and run by make test-processes; CI (.ci/run) runs both. make test-all adds the `slow` tests.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -m "not slow and not processes" $(TEST_WORKERS)
+
+test-processes: setup
+	$(BIN)/python -m pytest -q -m "processes and not slow" $(TEST_WORKERS)
 
 test-all: setup
 	$(BIN)/python -m pytest -q $(TEST_WORKERS)

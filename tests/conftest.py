@@ -143,12 +143,13 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-# The longest modules (measured with --durations on 2 cores), handed out first under
-# ``make test``'s ``--dist loadscope``: a long module picked up last would leave the other workers
+# The longest modules (measured with --durations on 2 cores; the notebook, DDP and launcher modules
+# first for make test-processes), handed out first under ``make test``'s ``--dist loadscope``: a long module picked up last would leave the other workers
 # idle at the end. Modules not listed keep their order after these.
-LONGEST_MODULES = ["test_package.py", "test_notebooks.py", "test_train.py", "test_detect_engine.py",
-                   "test_launch.py", "test_dedup.py", "test_analyze.py", "test_run.py", "test_own_folder.py",
-                   "test_blending.py", "test_prepare.py", "test_stale_blend.py", "test_ensemble.py"]
+LONGEST_MODULES = ["test_package.py", "test_notebooks.py", "test_detect_engine.py", "test_train.py", "test_dedup.py",
+                   "test_analyze.py", "test_prepare.py", "test_launch.py", "test_compare.py", "test_run.py",
+                   "test_label_fixes.py", "test_own_folder.py", "test_digits.py", "test_ensemble.py",
+                   "test_blending.py", "test_stale_blend.py"]
 
 
 def pytest_collection_modifyitems(config, items):

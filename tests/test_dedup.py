@@ -17,6 +17,8 @@ from pipeline.data.competition import DataError
 from pipeline.dedup import dedup_is_current, ensure_dedup, find_duplicates, main, run_dedup
 from pipeline.dedup_hash import hamming_pairs
 
+from digits_helpers import cut_digits
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -141,8 +143,8 @@ def test_cli_summary_and_staleness(digits_dedup, capsys, tmp_path):
     assert "running dedup now" not in capsys.readouterr().out
     stricter = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"min_correlation": 0.96})})
     assert not dedup_is_current(stricter)
-    args = ["--set", f"paths.work={tmp_path}", "--set", f"competition.root={cfg.competition.root}",
-            "--set", "dedup.workers=1"]
+    small = cut_digits(Path(cfg.competition.root), tmp_path / "data" / "digits", 300, 100)  # the CLI's wiring only
+    args = ["--set", f"paths.work={tmp_path}", "--set", f"competition.root={small}", "--set", "dedup.workers=1"]
     main(args)
     out = capsys.readouterr().out
     assert "duplicate groups" in out and "conflict" in out and "overlap" in out

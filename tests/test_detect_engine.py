@@ -109,6 +109,7 @@ def test_competition_format_picks_the_reader_and_data_format_is_its_old_name():
         load_config(REPO / "configs" / "banana_ssd.yaml", ["competition.format=voc", "data.format=coco"],
                     schema=DetectConfig)
 
+@pytest.mark.processes
 def test_nan_on_one_ddp_rank_stops_both_ranks_with_the_message(shapes_root, tmp_path):
     """2 gloo processes; rank 1's loss turns NaN at its first step: both stop with the message
     (the NaN check is agreed across ranks), neither hangs in the next all-reduce."""

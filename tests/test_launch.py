@@ -137,6 +137,7 @@ def test_in_process_run_moves_on_to_a_free_fold(small_root, tmp_path):
 
 
 # --------------------------------------------------------------------------- local launcher
+@pytest.mark.processes
 def test_local_launcher_reports_a_failed_fold_and_finishes_the_other(small_root, tmp_path):
     cfg = _cfg(small_root, tmp_path, "launcher.parallel=2")
     # fold 1 cannot write its outputs: its folder is a file

@@ -76,6 +76,7 @@ def test_notebooks_are_stored_without_outputs(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: strip outputs before committing"
 
 
+@pytest.mark.processes
 def test_eda_notebook_runs(digits_root, tmp_path, kernel_manager_factory, make_cfg, seed_dedup):
     # The session's dedup of these very images, put where the notebook's config looks: its
     # ensure_dedup() finds it current instead of running the whole stage again.
@@ -89,6 +90,7 @@ def test_eda_notebook_runs(digits_root, tmp_path, kernel_manager_factory, make_c
     assert "running dedup now" not in text  # the seeded outputs were current
 
 
+@pytest.mark.processes
 def test_compare_notebook_runs(make_cfg, digits_root, tmp_path, kernel_manager_factory):
     for name, backbone, quality in (("nb_a", "resnet10t", 0.7), ("nb_b", "test_resnet", 0.9)):
         write_fake_run(make_cfg(f"experiment={name}", f"model.backbone={backbone}", "folds.k=3",
@@ -102,6 +104,7 @@ def test_compare_notebook_runs(make_cfg, digits_root, tmp_path, kernel_manager_f
     assert images == 1
 
 
+@pytest.mark.processes
 def test_error_analysis_notebook_runs(make_cfg, digits_root, tmp_path, kernel_manager_factory):
     import numpy as np
     import pandas as pd

@@ -217,6 +217,7 @@ def test_missing_test_image_is_named(blended, tmp_path):
         run_infer(pkg, test_csv=str(tmp_path / "test.csv"), out=tmp_path / "s.csv", quiet=True)
 
 
+@pytest.mark.processes
 def test_the_notebook_runs_under_nbclient(blended, tmp_path, monkeypatch):
     """The package's own notebook, its paths cell pointed here; pip only resolves (PIP_DRY_RUN) so the
     shared environment is not changed (the slow rehearsal test installs for real)."""

@@ -307,3 +307,19 @@ def test_compare_outside_the_checkout_works_on_runs_without_a_config(three_compe
     text = main([])
     assert {line.split()[0] for line in text.splitlines()[1:]} == {"dig_a", "dig_b", "dog_a", "dog_b"}
     assert "using no config" in capsys.readouterr().err
+
+
+def test_readme_sections_and_paragraphs_appear_once():
+    """An edit once pasted 900 lines of the README into the middle of another section: every ## heading
+    and every long paragraph line is there once (### headings repeat across the two tracks)."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    fenced, seen, repeated = False, set(), []
+    for line in lines:
+        fenced ^= line.startswith("```")
+        key = line.strip()
+        if fenced or not (line.startswith("## ") or len(key) > 80) or key.startswith("|"):
+            continue
+        if key in seen:
+            repeated.append(key)
+        seen.add(key)
+    assert not repeated, f"README.md repeats {len(repeated)} lines, first: {repeated[:3]}"

@@ -239,6 +239,7 @@ def test_user_errors_are_one_clear_message(cfg_for, capsys):
     assert "fp16 needs a CUDA GPU" in capsys.readouterr().err and earlier.is_file()
 
 
+@pytest.mark.processes
 def test_ddp_two_processes_gloo_every_oof_row_once(cfg_for, tmp_path):
     """torchrun with 2 CPU processes (gloo): rank 0 alone writes; validation is gathered unpadded."""
     cfg = cfg_for("train.batch_size=8", "train.ema=true")
