@@ -10,14 +10,13 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from digits_helpers import cut_digits
 
 from pipeline import paths
 from pipeline.config import DedupConfig
 from pipeline.data.competition import DataError
 from pipeline.dedup import dedup_is_current, ensure_dedup, find_duplicates, main, run_dedup
 from pipeline.dedup_hash import hamming_pairs
-
-from digits_helpers import cut_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
