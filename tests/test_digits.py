@@ -142,6 +142,16 @@ def test_label_noise_flips_are_recorded_and_half_in_the_confused_pair(digits_roo
     for name in ("test.csv", "sample_submission.csv"):
         assert (root / name).read_bytes() == (digits_root / name).read_bytes()
     assert (private_dir(root) / "solution.csv").read_bytes() == (private_dir(digits_root) / "solution.csv").read_bytes()
+    # Heavy noise: the pair gets at most a third of its images flipped, the rest of the flips go elsewhere.
+    heavy = build_digits(tmp_path / "heavy" / "digits", label_noise=0.3)
+    flips = pd.DataFrame(read_json(private_dir(heavy) / "planted.json")["label_noise"]["flips"])
+    in_pair = clean.isin(noise["confused_pair"])
+    assert len(flips) == round(0.3 * len(clean))
+    n_pair = (flips["kind"] == "pair").sum()  # the cap counts the pair's images that may be flipped (no planted copies)
+    assert 0.3 * in_pair.sum() < n_pair <= in_pair.sum() / 3 < len(flips) // 2
+    given = pd.read_csv(heavy / "train.csv", dtype=str).set_index("image")["label"]
+    for name in noise["confused_pair"]:  # the true label is still the majority of each pair class
+        assert (given[clean == name] == name).mean() > 0.6
     with pytest.raises(PipelineError, match="label noise 0.03, not 0.0.*--force"):
         build_digits(root)
     with pytest.raises(PipelineError, match="between 0 and"):

@@ -13,7 +13,9 @@ JPEG, brightness shifted), one duplicate with a conflicting label, and test imag
 
 ``--label-noise FRACTION`` (default 0) also flips the labels of that fraction of the train images
 (``planted.json: label_noise.flips``), half of them between the two most-confused classes, where a
-label audit finds them hardest, so ``pipeline.analyze`` has real label errors to find.
+label audit finds them hardest, so ``pipeline.analyze`` has real label errors to find. At most a third
+of those two classes' images are flipped (the rest of the flips go elsewhere), so each keeps its true
+label as the majority: past half, the two classes would simply be swapped.
 
 Run ``python -m pipeline.data.digits [--root data/digits] [--force] [--label-noise 0.03]`` to build
 it by hand.
@@ -286,6 +288,9 @@ def _write_competition(out: Path, private: Path, seed: int, label_noise: float =
     atomic_write_json(private / "planted.json", planted)
 
 
+PAIR_CAP = 1 / 3  # of the confused pair's images flipped at most: each class keeps its true label as the majority
+
+
 def most_confused_pair(x: np.ndarray, y: np.ndarray) -> tuple[int, int]:
     """The two classes a quick classifier confuses most (either way), from 5-fold CV predictions."""
     from sklearn.linear_model import LogisticRegression
@@ -302,7 +307,9 @@ def most_confused_pair(x: np.ndarray, y: np.ndarray) -> tuple[int, int]:
 
 def _flip_labels(train: pd.DataFrame, candidates: list[str], pixels_of: dict[str, np.ndarray],
                  fraction: float, seed: int) -> dict:
-    """Flip ``fraction`` of the train labels in place; half between the most-confused pair.
+    """Flip ``fraction`` of the train labels in place; half between the most-confused pair, at most
+    ``PAIR_CAP`` of that pair's images (the rest are random flips): past half, the flipped label would
+    be the majority of its look-alikes, a swap of the two classes no audit or model could undo.
 
     A separate random stream, so the rest of the build is byte-for-byte the same with or without noise.
     """
@@ -315,8 +322,8 @@ def _flip_labels(train: pd.DataFrame, candidates: list[str], pixels_of: dict[str
     y = np.array([index[label_of[c]] for c in candidates])
     a, b = most_confused_pair(np.stack([pixels_of[c] for c in candidates]), y)
     rng = np.random.default_rng([seed, 1])
-    n_pair = n_flip // 2
     pair_pool = [c for c, t in zip(candidates, y) if t in (a, b)]
+    n_pair = min(n_flip // 2, int(PAIR_CAP * len(pair_pool)))
     other_pool = [c for c, t in zip(candidates, y) if t not in (a, b)]
     chosen_pair = rng.choice(pair_pool, size=min(n_pair, len(pair_pool)), replace=False).tolist()
     chosen_other = rng.choice(other_pool, size=min(n_flip - len(chosen_pair), len(other_pool)), replace=False).tolist()
@@ -343,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build is there")
     parser.add_argument("--label-noise", type=float, default=0.0, metavar="FRACTION",
                         help="flip the labels of this fraction of the train images, half of them between the "
-                             "two most-confused classes (recorded in planted.json; default 0)")
+                             "two most-confused classes (at most a third of their images; recorded in "
+                             "planted.json; default 0)")
     parser.add_argument("--train-fraction", type=float, default=1.0, metavar="FRACTION",
                         help="keep this stratified fraction of the train images (a harder competition; "
                              "default 1)")
