@@ -15,7 +15,9 @@ of the newest submission's blend (its experiments and weights, from ``submission
   the duplicate groups (and images of conflicting groups);
 - ``adversarial.csv`` / ``adversarial.png``: adversarial validation on the trained model's
   features (needs the folds' ``best.pt``; ``--no-adversarial`` skips it);
-- ``exclude.csv`` with ``--write-fixes``: a draft list for ``competition.exclude`` to edit;
+- ``exclude.csv`` and ``relabel.csv`` with ``--write-fixes``: the same images, as a draft list for
+  ``competition.exclude`` and as corrections (the label the model backs) for ``competition.relabel``,
+  to edit and then use one of;
 - ``summary.json`` and ``report.md`` linking it all; a short summary on the console.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.analysis import scores
-from pipeline.analysis.label_issues import draft_exclusions, find_issues, read_dedup_groups
+from pipeline.analysis.label_issues import draft_exclusions, draft_relabels, find_issues, read_dedup_groups
 from pipeline.analysis.oof import Oof, load_blend_oof, load_experiment_oof
 from pipeline.analysis.plots import plot_calibration, plot_confusion
 from pipeline.analysis.report import write_report
@@ -53,6 +55,7 @@ class Analysis:
     label_issues: pd.DataFrame
     adversarial: pd.DataFrame | None
     exclude_csv: Path | None
+    relabel_csv: Path | None = None
 
 
 def _losses(oof: Oof) -> np.ndarray:
@@ -111,9 +114,14 @@ def analyze(cfg: Config, experiment: str | None = None, blend: bool = False, top
                           f"likely label errors (red: duplicate group with disagreeing labels): {title}")
     if sheet is None:
         (out / "label_issues.png").unlink(missing_ok=True)  # an older run's picture would contradict the CSV
-    exclude_csv = None
-    if write_fixes:
+    exclude_csv = relabel_csv = None
+    if write_fixes:  # drafts a user may have edited are never overwritten (both checked before either is written)
+        for name in (paths.EXCLUDE_DRAFT, paths.RELABEL_DRAFT):
+            if (out / name).exists():
+                raise FileExistsError(f"{out / name} exists (a draft you may have edited): move it away to write "
+                                      f"new drafts")
         exclude_csv = atomic_write_csv(out / paths.EXCLUDE_DRAFT, draft_exclusions(issues, min_confidence), overwrite=False)
+        relabel_csv = atomic_write_csv(out / paths.RELABEL_DRAFT, draft_relabels(issues, min_confidence), overwrite=False)
 
     cleanlab = issues["found_by"].str.startswith("cleanlab")
     summary: dict[str, Any] = {
@@ -126,6 +134,7 @@ def analyze(cfg: Config, experiment: str | None = None, blend: bool = False, top
         "worst_classes": table.head(SHOWN_WORST)[["class", "f1", "support"]].to_dict("records"),
         "top_pairs": pairs.head(SHOWN_WORST)[["given", "predicted", "count"]].to_dict("records"),
         "exclude_csv": str(exclude_csv) if exclude_csv else None,
+        "relabel_csv": str(relabel_csv) if relabel_csv else None,
         "min_confidence": min_confidence if write_fixes else None,
     }
     adv = None
@@ -162,8 +171,10 @@ def analyze(cfg: Config, experiment: str | None = None, blend: bool = False, top
         n = len(pd.read_csv(exclude_csv))
         say(f"  draft exclusions: {n} image(s) with another label at p >= {min_confidence} -> {exclude_csv}; "
             f"edit it, then --set competition.exclude={exclude_csv}")
+        say(f"  draft corrections: the same {n} image(s) with the label the model backs -> {relabel_csv}; "
+            f"or --set competition.relabel={relabel_csv}")
     say(f"  wrote {out}/ (report.md) in {time.time() - start:.0f}s")
-    return Analysis(out, summary, table, pairs, issues, adv, exclude_csv)
+    return Analysis(out, summary, table, pairs, issues, adv, exclude_csv, relabel_csv)
 
 
 def main(argv: list[str] | None = None) -> Analysis:
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> Analysis:
     which.add_argument("--blend", action="store_true", help="analyse the newest submission's blend instead")
     parser.add_argument("--top", type=int, default=24, help="images on each contact sheet (default 24)")
     parser.add_argument("--write-fixes", action="store_true",
-                        help="also write a draft exclude.csv of the label issues above --min-confidence")
+                        help="also write draft exclude.csv and relabel.csv of the label issues above --min-confidence")
     parser.add_argument("--min-confidence", type=float, default=0.9,
                         help="probability the model must give another label for --write-fixes (default 0.9)")
     parser.add_argument("--no-adversarial", action="store_true",

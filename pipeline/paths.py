@@ -31,6 +31,7 @@ SEEDS = "seeds.json"                # runs/<experiment>/: its seed members and t
 ANALYSIS = "analysis"
 LABEL_ISSUES = "label_issues.csv"
 EXCLUDE_DRAFT = "exclude.csv"
+RELABEL_DRAFT = "relabel.csv"
 ANALYSIS_SUMMARY = "summary.json"
 # every file a fold's training makes or that was made from its weights (removed on a retrain)
 FOLD_OUTPUTS = (BEST, LAST, HISTORY, OOF, METRICS, TEST, OOF_TTA, PREDICT, SWA, SECOND_ROUND)

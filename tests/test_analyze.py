@@ -74,7 +74,7 @@ def test_per_class_numbers_agree_with_scikit_learn(known_oof):
     assert scores.expected_calibration_error(given, probs) == pytest.approx(ece / len(given))
 
 
-def test_analyze_writes_every_view_and_finds_planted_label_errors(make_cfg, known_oof, capsys):
+def test_analyze_writes_every_view_and_finds_planted_label_errors(make_cfg, known_oof, digits_root, capsys):
     images, labels, _, probs, planted = known_oof
     cfg = make_cfg("experiment=known", "folds.k=2")
     write_oof_run(cfg, images, labels, probs, CLASSES, tta=True)
@@ -89,7 +89,7 @@ def test_analyze_writes_every_view_and_finds_planted_label_errors(make_cfg, know
                    *[a for o in _overrides(cfg) for a in ("--set", o)]])
     out = paths.analysis_dir(cfg, "known")
     for f in ("per_class.csv", "confused_pairs.csv", "confusion.png", "top_losses.png", "calibration.png",
-              "label_issues.csv", "label_issues.png", "report.md", "summary.json", "exclude.csv"):
+              "label_issues.csv", "label_issues.png", "report.md", "summary.json", "exclude.csv", "relabel.csv"):
         assert (out / f).is_file(), f
     assert "after TTA" in result.summary["source"]  # oof_tta.csv preferred over oof.csv
     issues = pd.read_csv(out / "label_issues.csv", dtype={"image": str}, keep_default_na=False)
@@ -104,6 +104,13 @@ def test_analyze_writes_every_view_and_finds_planted_label_errors(make_cfg, know
     assert (pairs.iloc[0]["given"], pairs.iloc[0]["predicted"]) == ("one", "eight")
     exclude = pd.read_csv(out / "exclude.csv", dtype=str)
     assert set(exclude["image"]) <= set(cleanlab["image"]) and len(exclude) >= len(planted) - 2
+    # relabel.csv: the same images, each with the label the model backs (the true one for the planted errors).
+    relabel = pd.read_csv(out / "relabel.csv", dtype=str)
+    assert relabel["image"].tolist() == exclude["image"].tolist()
+    assert relabel["label"].tolist() == exclude["suggested"].tolist()
+    true_of = dict(pd.read_csv(digits_root / "train.csv", dtype=str)[["image", "label"]].to_numpy())
+    hits = relabel[relabel["image"].isin(planted)]
+    assert len(hits) >= len(planted) - 2 and (hits["label"] == hits["image"].map(true_of)).all()
     text = capsys.readouterr().out
     assert "worst classes" in text and "one -> eight" in text and "label issues: " in text
     report = (out / "report.md").read_text()

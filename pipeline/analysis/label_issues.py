@@ -79,5 +79,17 @@ def find_issues(oof: Oof, dedup: pd.DataFrame | None) -> pd.DataFrame:
 
 def draft_exclusions(issues: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
     """The issues where the model backs another label with at least ``min_confidence``: a draft exclude.csv."""
+    return _confident(issues, min_confidence)[["image", "given", "suggested", "suggested_prob", "found_by"]]
+
+
+def draft_relabels(issues: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
+    """The same images as ``draft_exclusions``, each with the label the model backs: a draft relabel.csv
+    (``image,label`` first, as ``competition.relabel`` reads it; the other columns are for the reader)."""
+    pick = _confident(issues, min_confidence)
+    return pd.DataFrame({"image": pick["image"], "label": pick["suggested"], "given": pick["given"],
+                         "suggested_prob": pick["suggested_prob"], "found_by": pick["found_by"]})
+
+
+def _confident(issues: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
     pick = issues[(issues["suggested"] != issues["given"]) & (issues["suggested_prob"] >= min_confidence)]
-    return pick[["image", "given", "suggested", "suggested_prob", "found_by"]].reset_index(drop=True)
+    return pick.reset_index(drop=True)
