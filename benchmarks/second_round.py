@@ -8,7 +8,10 @@ option). The test images and the hidden solution stay the same.
 It trains the first round (two architectures, blended with the default SLSQP weights), then each
 lever, and prints one row per lever: OOF accuracy and log loss (what a competitor sees) and
 accuracy on the hidden solution (the judge: a blend can always match OOF by adding members), with
-the difference to the first-round blend. Levers that did not help are printed like the rest.
+the difference to the first-round blend. Levers that did not help are printed like the rest. With
+``--label-noise``, the ``audit`` lever runs ``pipeline.analyze --write-fixes --min-confidence 0`` on the
+first-round resnet10t, excludes every image cleanlab flags and trains again (alone, and with the
+path's pseudo-labels and distillation).
 
     python benchmarks/second_round.py                        # a third of the images, 5 folds
     python benchmarks/second_round.py --fraction 0.25 --epochs 8 --out work/second_round
@@ -36,7 +39,8 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.digits import build_digits, private_dir  # noqa: E402
 
-LEVERS = ["hill_climb", "stack", "power", "swa", "pseudo", "pseudo_leaky", "distill", "seeds", "finetune", "round2"]
+LEVERS = ["hill_climb", "stack", "power", "swa", "pseudo", "pseudo_leaky", "distill", "seeds", "finetune", "round2",
+          "audit"]
 
 
 def build_variant(out: Path, fraction: float, label_noise: float, seed: int = 0) -> Path:
@@ -118,6 +122,26 @@ class Bench:
         self.notes.append(f"{name}: mean fold OOF acc per TTA view: "
                           + ", ".join(f"{v} {a:.4f}" for v, a in means.items()))
         print("  " + self.notes[-1], flush=True)
+
+    def audit(self, name: str) -> Path:
+        """``pipeline.analyze --write-fixes --min-confidence 0`` on ``name``: every cleanlab label issue as a
+        draft exclude.csv (kept if it is already there), scored against the flips the builder planted."""
+        from pipeline import paths
+        from pipeline.analyze import analyze
+
+        cfg = self.cfg(f"experiment={name}")
+        draft = paths.analysis_dir(cfg, name) / paths.EXCLUDE_DRAFT
+        if not draft.is_file():
+            analyze(cfg, write_fixes=True, min_confidence=0.0, adversarial=False, quiet=True)
+        flips = json.loads((private_dir(self.root) / "planted.json").read_text())["label_noise"]["flips"]
+        train = set(pd.read_csv(self.root / "train.csv", dtype=str)["image"])
+        planted = {f["image"] for f in flips} & train
+        found = set(pd.read_csv(draft, dtype=str)["image"])
+        hits = len(found & planted)
+        self.notes.append(f"audit of {name}: {len(found)} images excluded, precision {hits / max(len(found), 1):.3f}, "
+                          f"recall {hits / max(len(planted), 1):.3f} against the {len(planted)} planted flips")
+        print("  " + self.notes[-1], flush=True)
+        return draft
 
     def table(self) -> str:
         df = pd.DataFrame(self.rows)
@@ -213,6 +237,17 @@ def main(argv: list[str] | None = None) -> None:
                     "distill.teacher=[r1_resnet10t, r1_resnet18]", "distill.alpha=0.5", "distill.temperature=2.0")
         bench.blend("student: pseudo + distill", ["r2_round2"])
         bench.blend("round 2 path (hill_climb)", first + ["r2_round2"], "ensemble.method=hill_climb")
+    if "audit" in levers and args.label_noise > 0:
+        # The label audit fed back (last: its exclusions change folds.csv, which the levers above must not see):
+        # the first-round recipe without every image cleanlab flags, then the path's student on top of it.
+        draft = bench.audit("r1_resnet10t")
+        bench.train("r2_audit", f"competition.exclude={draft}")
+        bench.blend("audit: cleanlab issues excluded", ["r2_audit"])
+        bench.train("r2_audit_round2", f"competition.exclude={draft}", "pseudo.from=[r1_resnet10t, r1_resnet18]",
+                    "pseudo.threshold=0.9", "distill.teacher=[r1_resnet10t, r1_resnet18]", "distill.alpha=0.5",
+                    "distill.temperature=2.0")
+        bench.blend("audit + pseudo + distill", ["r2_audit_round2"])
+        bench.blend("audit path (hill_climb)", first + ["r2_audit", "r2_audit_round2"], "ensemble.method=hill_climb")
     if "round2" in levers and students:
         bench.blend("round 2 blend (hill_climb)", first + students, "ensemble.method=hill_climb")
         bench.blend("round 2 blend (optimize)", first + students)

@@ -326,6 +326,9 @@ class EnsembleConfig(Section):
     # stack: inverse L2 strength of the level-2 logistic regression.
     stack_c: float = Field(1.0, gt=0.0)
     use_tta: bool = True
+    # Blend weights are chosen without the OOF rows competition.exclude lists (labels the audit says are
+    # wrong would reward members that learnt them); true fits them on every row. The CV table uses every row.
+    fit_excluded: bool = False
     name: str | None = None
 
 

@@ -157,11 +157,13 @@ class Blend:
 
 
 def blend_members(ens, oof: np.ndarray, oof_plain: np.ndarray, test: np.ndarray, y: np.ndarray,
-                  names: list[str], folds: np.ndarray | None = None, seed: int = 0) -> Blend:
+                  names: list[str], folds: np.ndarray | None = None, seed: int = 0,
+                  fit_rows: np.ndarray | None = None) -> Blend:
     """Blend ``(M, N, C)`` member predictions by ``ens.method`` / ``ens.merge`` (the ``ensemble`` section).
 
     ``stack`` fits a level-2 logistic regression with an inner CV over ``folds`` (see
-    :mod:`pipeline.blending`); every other method chooses weights on ``oof`` and merges.
+    :mod:`pipeline.blending`) on every row; every other method chooses weights on the OOF rows
+    ``fit_rows`` (a boolean mask; default all) and merges every row.
     """
     if ens.method == "stack":
         if folds is None:
@@ -171,7 +173,8 @@ def blend_members(ens, oof: np.ndarray, oof_plain: np.ndarray, test: np.ndarray,
         detail = {"stack": {"C": ens.stack_c, "inner_folds": st.inner_folds, "splits": st.splits,
                             "member_share": {n: float(v) for n, v in zip(names, st.member_share)}}}
         return Blend(st.member_share, st.oof, plain, st.test, detail)
-    w = choose_weights(ens.method, oof, y, names, ens.weights, ens.caruana_iterations, ens.merge, ens.power,
+    fit = slice(None) if fit_rows is None else fit_rows
+    w = choose_weights(ens.method, oof[:, fit], y[fit], names, ens.weights, ens.caruana_iterations, ens.merge, ens.power,
                        ens.hill_climb_step, ens.allow_negative, ens.hill_climb_iterations)
     merge = dict(merge=ens.merge, power=ens.power)
     detail = {"merge": ens.merge, **({"power": ens.power} if ens.merge == "power" else {})}
@@ -254,6 +257,19 @@ def oof_folds(cfg: Config, images: pd.Series) -> np.ndarray:
         raise PipelineError(f"{path} has no row for OOF images such as {missing[:3]}; folds.csv changed since "
                             "training: retrain the experiments or use another ensemble.method")
     return np.array([fold_of[i] for i in images])
+
+
+def trusted_rows(cfg: Config, images: pd.Series) -> np.ndarray | None:
+    """Mask of the OOF images whose labels blend weights may be fit on: all but those ``folds.csv``
+    marks excluded (``competition.exclude``), unless ``ensemble.fit_excluded``; None when that is every row."""
+    from pipeline.folds import read_folds
+
+    path = paths.folds_csv(cfg)
+    if cfg.ensemble.fit_excluded or not cfg.competition.exclude or not path.is_file():
+        return None
+    excluded = set(read_folds(path).query("excluded")["image"])
+    mask = ~images.isin(excluded).to_numpy()
+    return None if mask.all() else mask
 
 
 def inputs_fingerprint(cfg: Config, names: list[str]) -> str:
@@ -493,12 +509,15 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     use_tta = cfg.ensemble.use_tta and all(e.oof_tta is not None for e in exps)
     oof, oof_plain, test, test_images = member_arrays(exps, classes, use_tta)
     folds = oof_folds(cfg, exps[0].oof["image"]) if cfg.ensemble.method == "stack" else None
-    mixed = blend_members(cfg.ensemble, oof, oof_plain, test, y, names, folds, cfg.seed)
+    fit_rows = trusted_rows(cfg, exps[0].oof["image"])
+    mixed = blend_members(cfg.ensemble, oof, oof_plain, test, y, names, folds, cfg.seed, fit_rows)
     weights = {n: float(v) for n, v in zip(names, mixed.weights)}
     table = cv_table(exps, classes, y, mixed, use_tta)
     sub = submission_frame(cfg, test_images, mixed.test, classes)
 
     meta = _meta(cfg, exps, weights, mixed, use_tta, table, len(sub), fingerprint, members.skipped)
+    n_fit = len(y) if fit_rows is None or cfg.ensemble.method == "stack" else int(fit_rows.sum())
+    meta["weights_fit_on"] = {"rows": n_fit, "of": len(y), "left_out": "competition.exclude" if n_fit < len(y) else None}
     solution_score = _score_against_solution(cfg, sub, meta)
     sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")
     if members.folds:  # run --partial: not every fold; the name and the JSON say so
@@ -509,7 +528,8 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     _log_blend(cfg, path, names, weights, b_acc, b_ll, solution_score)
 
     say(format_table(table))
-    say(f"weights ({cfg.ensemble.method}, on {'TTA ' if use_tta else ''}OOF log loss): "
+    rows = f" of {n_fit} rows, competition.exclude's {len(y) - n_fit} left out" if n_fit < len(y) else ""
+    say(f"weights ({cfg.ensemble.method}, on {'TTA ' if use_tta else ''}OOF log loss{rows}): "
         + ", ".join(f"{n}={v:.3f}" for n, v in weights.items()))
     say(f"submission: {path}")
     if solution_score is not None:

@@ -312,7 +312,7 @@ def make_folds(cfg: Config, quiet: bool = False) -> pd.DataFrame:
     return folds
 
 
-def _read_folds(path: Path) -> pd.DataFrame:
+def read_folds(path: Path) -> pd.DataFrame:
     folds = pd.read_csv(path, dtype={"image": str, "label": str, "group": str}, keep_default_na=False)
     if "excluded" not in folds.columns:  # written before label fixes existed
         folds["excluded"] = False
@@ -369,7 +369,7 @@ def ensure_folds(cfg: Config) -> pd.DataFrame:
         reason = "missing" if not paths.folds_csv(cfg).is_file() else "made with other settings or inputs"
         print(f"folds: {paths.folds_csv(cfg)} {reason}; making it now (python -m pipeline.folds)")
         make_folds(cfg, quiet=True)
-    return _read_folds(paths.folds_csv(cfg))
+    return read_folds(paths.folds_csv(cfg))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

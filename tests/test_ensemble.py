@@ -172,3 +172,56 @@ def test_blend_of_known_test_probabilities_gives_the_right_label_for_every_id(ma
     wrong = [i for i, label in zip(sub[idc], sub["label"]) if label != truth[image_of[i]]]
     assert len(sub) == len(comp.test) and wrong == []
     assert result.meta["provenance"]["versions"]["torch"] and "device" in result.meta["provenance"]
+
+
+def test_blend_weights_leave_out_the_rows_competition_exclude_lists(make_cfg, tmp_path):
+    """The audit excluded 20 of 60 images: their given labels are wrong. Member "clean" predicts their true
+    label, "noisefit" learnt the given one. On every row "noisefit" has the lower log loss; on the rows
+    the audit trusts, "clean" does, and the weights must follow those rows unless ensemble.fit_excluded."""
+    import pandas as pd
+
+    from pipeline import paths
+    from pipeline.config import save_config
+    from pipeline.data import load_competition
+    from pipeline.data.competition import save_classes
+    from pipeline.ensemble import run_ensemble
+
+    cfg = make_cfg("folds.k=2", "ensemble.method=optimize", "ensemble.use_tta=false")
+    comp = load_competition(cfg.competition)
+    classes = list(comp.classes)
+    train = comp.train.iloc[:60].reset_index(drop=True)
+    excluded = train["image"].iloc[:20]
+    (tmp_path / "exclude.csv").write_text("image\n" + "\n".join(excluded) + "\n")
+    cfg = make_cfg("folds.k=2", "ensemble.method=optimize", "ensemble.use_tta=false",
+                   f"competition.exclude={tmp_path / 'exclude.csv'}")
+    fold = np.arange(60) % 2
+    paths.folds_csv(cfg).parent.mkdir(parents=True, exist_ok=True)
+    train.assign(fold=fold, excluded=train["image"].isin(excluded))[["image", "label", "fold", "excluded"]].to_csv(
+        paths.folds_csv(cfg), index=False)
+
+    def probs(picks, strength):
+        p = np.full((len(picks), len(classes)), (1 - strength) / (len(classes) - 1))
+        p[np.arange(len(picks)), picks] = strength
+        return pd.DataFrame(p, columns=classes)
+
+    given = train["label"].map(classes.index).to_numpy()
+    true = np.where(train["image"].isin(excluded), (given + 1) % len(classes), given)
+    for exp, picks, strength in (("clean", true, 0.9), ("noisefit", given, 0.6)):
+        member = cfg.model_copy(update={"experiment": exp})
+        save_config(member, paths.run_dir(member) / paths.CONFIG)
+        save_classes(classes, paths.run_dir(member) / paths.CLASSES)
+        for k in range(2):
+            d = paths.fold_dir(member, k)
+            d.mkdir(parents=True)
+            rows = fold == k
+            pd.concat([train.loc[rows, ["image", "label"]].reset_index(drop=True), probs(picks[rows], strength)],
+                      axis=1).to_csv(d / paths.OOF, index=False)
+            pd.concat([comp.test[["image"]], probs(np.zeros(len(comp.test), int), strength)], axis=1).to_csv(
+                d / paths.TEST, index=False)
+
+    trusted = run_ensemble(cfg, ["clean", "noisefit"], name="trusted", quiet=True)
+    assert trusted.weights["clean"] > 0.9
+    assert trusted.meta["weights_fit_on"] == {"rows": 40, "of": 60, "left_out": "competition.exclude"}
+    every = run_ensemble(cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(update={"fit_excluded": True})}),
+                         ["clean", "noisefit"], name="every", quiet=True)
+    assert every.weights["clean"] < 0.5 and every.meta["weights_fit_on"]["rows"] == 60

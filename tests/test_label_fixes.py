@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import paths
 from pipeline.data import DataError, load_competition
-from pipeline.folds import _read_folds, folds_are_current, make_folds, training_rows, validation_rows
+from pipeline.folds import folds_are_current, make_folds, read_folds, training_rows, validation_rows
 from pipeline.io import read_json
 
 
@@ -50,7 +50,7 @@ def test_relabel_and_exclude_change_folds_csv_as_stated(make_cfg, train, tmp_pat
     assert record["relabelled"][0]["given"] == train["label"].iloc[3] and record["relabel"]["sha256"]
     assert folds_are_current(cfg)
     # Training skips the excluded images; validation keeps every image, with its corrected label.
-    folds = _read_folds(paths.folds_csv(cfg))
+    folds = read_folds(paths.folds_csv(cfg))
     k = int(after.loc[dropped[0], "fold"])
     assert not set(dropped) & set(training_rows(folds, (k + 1) % 4)["image"])
     val = validation_rows(folds, k).set_index("image")
@@ -63,7 +63,7 @@ def test_relabel_and_exclude_change_folds_csv_as_stated(make_cfg, train, tmp_pat
     # So does dropping the fixes: the next folds.csv has the labels as given and excludes nothing.
     assert not folds_are_current(base_cfg)
     make_folds(base_cfg, quiet=True)
-    plain = _read_folds(paths.folds_csv(base_cfg)).set_index("image")
+    plain = read_folds(paths.folds_csv(base_cfg)).set_index("image")
     assert not plain["excluded"].any() and folds_are_current(base_cfg)
     assert plain.loc[before.index, "label"].tolist() == before["label"].tolist()
 
