@@ -12,7 +12,7 @@ section() { echo "=== $1 $(date -u +%FT%TZ) $(uptime)"; }
 for r in 1 2; do
   section "make test's pytest, round $r"
   /usr/bin/time -f "suite wall %e s, user %U s, sys %S s" \
-    $PY -m pytest -q -m "not slow" -p no:cacheprovider -n logical --maxprocesses=4 --dist loadscope 2>&1 | tail -2
+    $PY -m pytest -q -m "not slow and not processes" -p no:cacheprovider -n logical --maxprocesses=4 --dist loadscope 2>&1 | tail -2
 done
 section "training loop, defaults (9 rounds)";  $PY benchmarks/train_throughput.py 2>&1 | tail -8
 section "training loop, 1 thread";            $PY benchmarks/train_throughput.py --threads 1 2>&1 | tail -8
