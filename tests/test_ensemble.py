@@ -126,16 +126,38 @@ def test_ensemble_stage_blends_two_experiments_into_a_valid_submission(make_cfg,
     assert again.submission != result.submission and result.submission.is_file()
 
 
+def _peaked(labels, classes: list[str], strength: float):
+    """Probabilities with ``strength`` on each row's label (a class name) and the rest spread evenly."""
+    import pandas as pd
+
+    p = np.full((len(labels), len(classes)), (1 - strength) / (len(classes) - 1))
+    p[np.arange(len(labels)), [classes.index(lab) for lab in labels]] = strength
+    return pd.DataFrame(p, columns=classes)
+
+
+def _write_member(cfg, exp: str, classes: list[str], folds) -> None:
+    """runs/<exp>/ as train and predict leave it: config, classes and per fold the ``(oof, test)`` frames."""
+    from pipeline import paths
+    from pipeline.config import save_config
+    from pipeline.data.competition import save_classes
+
+    member = cfg.model_copy(update={"experiment": exp})
+    save_config(member, paths.run_dir(member) / paths.CONFIG)
+    save_classes(classes, paths.run_dir(member) / paths.CLASSES)
+    for k, (oof, test) in enumerate(folds):
+        d = paths.fold_dir(member, k)
+        d.mkdir(parents=True)
+        oof.to_csv(d / paths.OOF, index=False)
+        test.to_csv(d / paths.TEST, index=False)
+
+
 def test_blend_of_known_test_probabilities_gives_the_right_label_for_every_id(make_cfg):
     """Two members whose test probabilities peak at a known label per image, their rows in a
     different order in every fold file: the submission must name that label for every id (a blend
     that lined rows up by position instead of by image would not)."""
     import pandas as pd
 
-    from pipeline import paths
-    from pipeline.config import save_config
     from pipeline.data import load_competition
-    from pipeline.data.competition import save_classes
     from pipeline.ensemble import run_ensemble
 
     cfg = make_cfg("folds.k=2", "ensemble.method=optimize", "ensemble.use_tta=false")
@@ -145,25 +167,17 @@ def test_blend_of_known_test_probabilities_gives_the_right_label_for_every_id(ma
     truth = dict(zip(comp.test["image"], rng.choice(classes, len(comp.test))))
     train = comp.train.iloc[:60]
 
-    def peaked(labels, strength: float) -> pd.DataFrame:
-        p = np.full((len(labels), len(classes)), (1 - strength) / (len(classes) - 1))
-        p[np.arange(len(labels)), [classes.index(lab) for lab in labels]] = strength
-        return pd.DataFrame(p, columns=classes)
+    def fold_files(k: int, strength: float):
+        rows = train.iloc[k::2]
+        oof = pd.concat([rows[["image", "label"]].reset_index(drop=True), _peaked(rows["label"], classes, strength)],
+                        axis=1)
+        images = comp.test["image"].to_numpy()[rng.permutation(len(comp.test))]
+        test = pd.concat([pd.DataFrame({"image": images}), _peaked([truth[i] for i in images], classes, strength)],
+                         axis=1)
+        return oof, test
 
     for exp, strength in (("sure", 0.9), ("unsure", 0.4)):
-        member = cfg.model_copy(update={"experiment": exp})
-        save_config(member, paths.run_dir(member) / paths.CONFIG)
-        save_classes(classes, paths.run_dir(member) / paths.CLASSES)
-        for k in range(2):
-            d = paths.fold_dir(member, k)
-            d.mkdir(parents=True)
-            rows = train.iloc[k::2]
-            oof = pd.concat([rows[["image", "label"]].reset_index(drop=True), peaked(rows["label"], strength)], axis=1)
-            oof.to_csv(d / paths.OOF, index=False)
-            order = rng.permutation(len(comp.test))
-            images = comp.test["image"].to_numpy()[order]
-            test = pd.concat([pd.DataFrame({"image": images}), peaked([truth[i] for i in images], strength)], axis=1)
-            test.to_csv(d / paths.TEST, index=False)
+        _write_member(cfg, exp, classes, [fold_files(k, strength) for k in range(2)])
 
     result = run_ensemble(cfg, ["sure", "unsure"], quiet=True)
     sub = pd.read_csv(result.submission, dtype=str, keep_default_na=False)
@@ -181,9 +195,7 @@ def test_blend_weights_leave_out_the_rows_competition_exclude_lists(make_cfg, tm
     import pandas as pd
 
     from pipeline import paths
-    from pipeline.config import save_config
     from pipeline.data import load_competition
-    from pipeline.data.competition import save_classes
     from pipeline.ensemble import run_ensemble
 
     cfg = make_cfg("folds.k=2", "ensemble.method=optimize", "ensemble.use_tta=false")
@@ -199,25 +211,15 @@ def test_blend_weights_leave_out_the_rows_competition_exclude_lists(make_cfg, tm
     train.assign(fold=fold, excluded=train["image"].isin(excluded))[["image", "label", "fold", "excluded"]].to_csv(
         paths.folds_csv(cfg), index=False)
 
-    def probs(picks, strength):
-        p = np.full((len(picks), len(classes)), (1 - strength) / (len(classes) - 1))
-        p[np.arange(len(picks)), picks] = strength
-        return pd.DataFrame(p, columns=classes)
-
-    given = train["label"].map(classes.index).to_numpy()
-    true = np.where(train["image"].isin(excluded), (given + 1) % len(classes), given)
-    for exp, picks, strength in (("clean", true, 0.9), ("noisefit", given, 0.6)):
-        member = cfg.model_copy(update={"experiment": exp})
-        save_config(member, paths.run_dir(member) / paths.CONFIG)
-        save_classes(classes, paths.run_dir(member) / paths.CLASSES)
-        for k in range(2):
-            d = paths.fold_dir(member, k)
-            d.mkdir(parents=True)
-            rows = fold == k
-            pd.concat([train.loc[rows, ["image", "label"]].reset_index(drop=True), probs(picks[rows], strength)],
-                      axis=1).to_csv(d / paths.OOF, index=False)
-            pd.concat([comp.test[["image"]], probs(np.zeros(len(comp.test), int), strength)], axis=1).to_csv(
-                d / paths.TEST, index=False)
+    true = np.where(train["image"].isin(excluded), (train["label"].map(classes.index) + 1) % len(classes),
+                    train["label"].map(classes.index))
+    for exp, labels, strength in (("clean", [classes[i] for i in true], 0.9), ("noisefit", train["label"], 0.6)):
+        labels = np.asarray(labels)
+        _write_member(cfg, exp, classes, [
+            (pd.concat([train.loc[fold == k, ["image", "label"]].reset_index(drop=True),
+                        _peaked(labels[fold == k], classes, strength)], axis=1),
+             pd.concat([comp.test[["image"]], _peaked([classes[0]] * len(comp.test), classes, strength)], axis=1))
+            for k in range(2)])
 
     trusted = run_ensemble(cfg, ["clean", "noisefit"], name="trusted", quiet=True)
     assert trusted.weights["clean"] > 0.9
