@@ -182,7 +182,7 @@ def _predict(model: LogisticRegression, x: np.ndarray, n_classes: int) -> np.nda
 
 
 def stack_predictions(oof_probs: np.ndarray, test_probs: np.ndarray, y: np.ndarray, folds: np.ndarray,
-                      c: float = 1.0, seed: int = 0) -> StackResult:
+                      c: float = 1.0, seed: int = 0, fit_rows: np.ndarray | None = None) -> StackResult:
     """Level-2 logistic regression on member logits with an inner CV over ``folds``.
 
     Args:
@@ -192,8 +192,11 @@ def stack_predictions(oof_probs: np.ndarray, test_probs: np.ndarray, y: np.ndarr
         folds: ``(N,)`` the fold of each OOF row (the competition's folds, so duplicate groups
             stay together); rows of fold k are predicted by a model fit on the other folds.
         c: inverse regularisation strength of the logistic regression.
+        fit_rows: ``(N,)`` mask of the rows whose labels the models may be fit on (default all); every
+            row is still predicted.
     """
     n_classes = oof_probs.shape[2]
+    use = np.ones(len(y), dtype=bool) if fit_rows is None else np.asarray(fit_rows, dtype=bool)
     x, x_test = stack_features(oof_probs), stack_features(test_probs)
     inner = sorted(int(k) for k in np.unique(folds))
     if len(inner) < 2:
@@ -202,10 +205,10 @@ def stack_predictions(oof_probs: np.ndarray, test_probs: np.ndarray, y: np.ndarr
     splits = []
     for k in inner:
         held = folds == k
-        model = _fit(x[~held], y[~held], c, seed)
+        model = _fit(x[~held & use], y[~held & use], c, seed)
         oof[held] = _predict(model, x[held], n_classes)
-        splits.append({"fold": k, "n_fit": int((~held).sum()), "n_predicted": int(held.sum())})
-    final = _fit(x, y, c, seed)
+        splits.append({"fold": k, "n_fit": int((~held & use).sum()), "n_predicted": int(held.sum())})
+    final = _fit(x[use], y[use], c, seed)
     test = _predict(final, x_test, n_classes)
     m = oof_probs.shape[0]
     mass = np.abs(final.coef_).reshape(final.coef_.shape[0], m, n_classes).sum(axis=(0, 2))

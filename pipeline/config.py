@@ -327,7 +327,8 @@ class EnsembleConfig(Section):
     stack_c: float = Field(1.0, gt=0.0)
     use_tta: bool = True
     # Blend weights are chosen without the OOF rows competition.exclude lists (labels the audit says are
-    # wrong would reward members that learnt them); true fits them on every row. The CV table uses every row.
+    # wrong would reward members that learnt them; stack's level-2 model too); true fits them on every row.
+    # The CV table uses every row.
     fit_excluded: bool = False
     name: str | None = None
 

@@ -162,14 +162,14 @@ def blend_members(ens, oof: np.ndarray, oof_plain: np.ndarray, test: np.ndarray,
     """Blend ``(M, N, C)`` member predictions by ``ens.method`` / ``ens.merge`` (the ``ensemble`` section).
 
     ``stack`` fits a level-2 logistic regression with an inner CV over ``folds`` (see
-    :mod:`pipeline.blending`) on every row; every other method chooses weights on the OOF rows
-    ``fit_rows`` (a boolean mask; default all) and merges every row.
+    :mod:`pipeline.blending`); every other method chooses weights and merges. Both fit on the OOF
+    rows ``fit_rows`` (a boolean mask; default all) and predict every row.
     """
     if ens.method == "stack":
         if folds is None:
             raise PipelineError("ensemble.method=stack needs the fold of every OOF row (folds.csv)")
-        st = blending.stack_predictions(oof, test, y, folds, c=ens.stack_c)
-        plain = blending.stack_predictions(oof_plain, test, y, folds, c=ens.stack_c).oof
+        st = blending.stack_predictions(oof, test, y, folds, c=ens.stack_c, fit_rows=fit_rows)
+        plain = blending.stack_predictions(oof_plain, test, y, folds, c=ens.stack_c, fit_rows=fit_rows).oof
         detail = {"stack": {"C": ens.stack_c, "inner_folds": st.inner_folds, "splits": st.splits,
                             "member_share": {n: float(v) for n, v in zip(names, st.member_share)}}}
         return Blend(st.member_share, st.oof, plain, st.test, detail)
@@ -516,7 +516,7 @@ def run_ensemble(cfg: Config, experiments: list[str] | None = None, name: str | 
     sub = submission_frame(cfg, test_images, mixed.test, classes)
 
     meta = _meta(cfg, exps, weights, mixed, use_tta, table, len(sub), fingerprint, members.skipped)
-    n_fit = len(y) if fit_rows is None or cfg.ensemble.method == "stack" else int(fit_rows.sum())
+    n_fit = len(y) if fit_rows is None else int(fit_rows.sum())
     meta["weights_fit_on"] = {"rows": n_fit, "of": len(y), "left_out": "competition.exclude" if n_fit < len(y) else None}
     solution_score = _score_against_solution(cfg, sub, meta)
     sub_name = name or cfg.ensemble.name or (names[0] if len(names) == 1 else "blend")

@@ -110,6 +110,25 @@ def test_stacking_inner_cv_never_sees_its_own_validation_rows(monkeypatch):
     assert [s["n_predicted"] for s in res.splits] == [20] * 5
 
 
+def test_stacking_never_fits_on_the_rows_left_out():
+    """Rows outside ``fit_rows`` (a label audit's exclusions) are predicted but never fit on: any
+    labels there give the same stack, while without the mask the same change moves it."""
+    rng = np.random.default_rng(4)
+    n, c = 200, 3
+    y = rng.integers(c, size=n)
+    probs = np.stack([np.eye(c)[y] * 0.6 + 0.4 / c, rng.dirichlet(np.ones(c), size=n)])
+    folds = np.arange(n) % 4
+    keep = np.arange(n) >= 50
+    other = y.copy()
+    other[~keep] = (y[~keep] + 1) % c  # the excluded rows' labels changed
+    a = blending.stack_predictions(probs, probs, y, folds, fit_rows=keep)
+    b = blending.stack_predictions(probs, probs, other, folds, fit_rows=keep)
+    assert np.allclose(a.oof, b.oof) and np.allclose(a.test, b.test)
+    assert a.oof.shape == (n, c) and [s["n_fit"] for s in a.splits] == [int((keep & (folds != k)).sum()) for k in range(4)]
+    unmasked = blending.stack_predictions(probs, probs, other, folds)
+    assert not np.allclose(unmasked.test, a.test)
+
+
 def test_stacking_beats_members_when_they_complement_each_other():
     # member 0 knows classes 0/1 apart, member 1 knows class 2 apart; neither alone is good
     rng = np.random.default_rng(3)
