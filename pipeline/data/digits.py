@@ -325,7 +325,7 @@ def _flip_labels(train: pd.DataFrame, candidates: list[str], pixels_of: dict[str
     pair_pool = [c for c, t in zip(candidates, y) if t in (a, b)]
     n_pair = min(n_flip // 2, int(PAIR_CAP * len(pair_pool)))
     other_pool = [c for c, t in zip(candidates, y) if t not in (a, b)]
-    chosen_pair = rng.choice(pair_pool, size=min(n_pair, len(pair_pool)), replace=False).tolist()
+    chosen_pair = rng.choice(pair_pool, size=n_pair, replace=False).tolist()
     chosen_other = rng.choice(other_pool, size=min(n_flip - len(chosen_pair), len(other_pool)), replace=False).tolist()
     new_label = {}
     for img in chosen_pair:
